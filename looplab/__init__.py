@@ -1,0 +1,10 @@
+"""looplab: a small, fast, explicit training loop for PyTorch, where every feature is a callback."""
+from .callback import (Callback, CancelBackward, CancelBatch, CancelEpoch, CancelFit, CancelStep, CancelTrain,
+                       CancelValidate)
+from .callbacks import ProgressBar, Recorder, TensorBoard
+from .data import DataLoaders
+from .learner import Learner
+
+__version__ = "0.1.0"
+__all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "CancelTrain", "CancelValidate",
+           "CancelEpoch", "CancelFit", "CancelBackward", "Recorder", "ProgressBar", "TensorBoard"]

@@ -1,0 +1,7 @@
+"""One module per feature. Feature modules import the core's pieces (callback, util, data, the pure modules),
+never `looplab.learner` at import time: the Learner imports the default callbacks from here."""
+from .progress import ProgressBar
+from .recorder import Recorder
+from .tensorboard import TensorBoard
+
+__all__ = ["ProgressBar", "Recorder", "TensorBoard"]

@@ -1,0 +1,173 @@
+"""Recorder: per-step losses and lrs, any logged series, validation results and per-epoch history."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from ..callback import Callback
+
+__all__ = ["Recorder"]
+
+
+def _batch_size(learn) -> int:
+    yb = learn.yb
+    return len(yb) if isinstance(yb, torch.Tensor) and yb.ndim else learn.xb[0].shape[0]
+
+
+class Recorder(Callback):
+    """Always on as `learn.recorder`. Reset at the start of every fit.
+
+    Per training step it keeps the loss (after callbacks such as MixUp set it, before anything scales it for
+    backward) and the lr of the last parameter group. Values arrive as tensors and are turned into floats in one
+    batch at the end of each epoch or when read, so recording costs no host sync per step; what it exposes and
+    saves is plain floats, never tensors or graphs.
+
+    Validation sums `loss * n` and `metric * n` on the device in `valid_totals` (with `valid_count` samples), so
+    `valid_loss` and the metrics are exact per-sample means; a distributed callback may all-reduce both before
+    `after_validate`.
+    """
+    order = 50  # after callbacks that replace the loss in after_loss
+
+    def __init__(self):
+        self._reset()
+        self.last_validation: dict[str, float] = {}
+
+    def _reset(self) -> None:
+        self._losses: list[Any] = []
+        self.lrs: list[float] = []
+        self._series: dict[str, list[list]] = {}
+        self.history: list[dict[str, float]] = []
+        self.epoch_start = 0  # index in `losses` of the current epoch's first step
+        self.epoch_ends: list[int] = []  # index in `losses` of each epoch's last step (for plots)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    @property
+    def losses(self) -> list[float]:
+        """Training loss of every step of the last fit."""
+        self.flush()
+        return self._losses
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        """The `(train_iter, value)` pairs logged under `name`."""
+        if name not in self._series:
+            raise KeyError(f"no series named {name!r}; logged: {sorted(self._series)}")
+        self.flush()
+        return [(int(i), v) for i, v in self._series[name]]
+
+    @property
+    def series_names(self) -> list[str]:
+        return list(self._series)
+
+    def log(self, name: str, value: float | torch.Tensor) -> None:
+        """Record `value` under `name` at the current `train_iter` (a tensor is read later, without a sync now)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"series name must be a non-empty string, got {name!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"recorder.log({name!r}, …) takes a scalar, got a tensor of shape {tuple(value.shape)}")
+            value = value.detach()
+        self._series.setdefault(name, []).append([self.learn.train_iter, value])
+
+    def flush(self) -> None:
+        """Turn the tensors recorded since the last flush into floats (one host transfer)."""
+        slots = [(self._losses, i) for i, v in enumerate(self._losses) if isinstance(v, torch.Tensor)]
+        slots += [(entry, 1) for values in self._series.values() for entry in values
+                  if isinstance(entry[1], torch.Tensor)]
+        if not slots:
+            return
+        tensors = [holder[i].reshape(()).float() for holder, i in slots]
+        try:
+            floats = torch.stack(tensors).tolist()
+        except RuntimeError:  # tensors on different devices
+            floats = [t.item() for t in tensors]
+        for (holder, i), v in zip(slots, floats):
+            holder[i] = v
+
+    # ---- events --------------------------------------------------------------------------------------------
+    def before_fit(self):
+        self._reset()
+
+    def before_epoch(self):
+        self._epoch_t0 = time.perf_counter()
+        self.last_validation = {}
+
+    def before_train(self):
+        self.epoch_start = len(self._losses)
+
+    def before_validate(self):
+        self.valid_totals: torch.Tensor | None = None
+        self.valid_count = 0
+
+    def after_loss(self):
+        learn = self.learn
+        if learn.training:
+            self._losses.append(learn.loss.detach())
+            self.lrs.append(learn.opt.param_groups[-1]["lr"])
+            return
+        n = _batch_size(learn)
+        loss = learn.loss.detach().float()
+        values = [loss, *(torch.as_tensor(m(learn.pred, learn.yb), dtype=torch.float32, device=loss.device)
+                          for m in learn.metrics)]
+        totals = torch.stack(values) * n
+        self.valid_totals = totals if self.valid_totals is None else self.valid_totals + totals
+        self.valid_count += n
+
+    def after_validate(self):
+        if self.valid_totals is None:
+            return
+        means = (self.valid_totals / self.valid_count).tolist()
+        names = ["valid_loss", *(getattr(m, "__name__", type(m).__name__) for m in self.learn.metrics)]
+        self.last_validation = dict(zip(names, means))
+
+    def after_epoch(self):
+        self.flush()
+        epoch_losses = self._losses[self.epoch_start:]
+        row = {"epoch": self.learn.epoch,
+               "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan,
+               **self.last_validation,
+               "time": time.perf_counter() - self._epoch_t0}
+        self.history.append(row)
+        self.epoch_ends.append(len(self._losses) - 1)
+
+    # ---- plots -----------------------------------------------------------------------------------------------
+    def plot_loss(self, skip_start: int = 0):
+        """Training loss per step, and validation loss at the end of each epoch, as a matplotlib Figure."""
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        losses = self.losses
+        ax.plot(range(skip_start, len(losses)), losses[skip_start:], label="train")
+        if any("valid_loss" in row for row in self.history):
+            valid = [row.get("valid_loss", math.nan) for row in self.history]
+            ax.plot(self.epoch_ends, valid, "o-", label="valid")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        plt.close(fig)
+        return fig
+
+    def plot_lr(self):
+        """The lr of every training step, as a matplotlib Figure."""
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.lrs)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("lr")
+        plt.close(fig)
+        return fig
+
+    # ---- checkpointing ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self.flush()
+        return {"losses": list(self._losses), "lrs": list(self.lrs), "history": [dict(r) for r in self.history],
+                "series": {k: [list(e) for e in v] for k, v in self._series.items()},
+                "epoch_start": self.epoch_start, "epoch_ends": list(self.epoch_ends)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._losses, self.lrs = list(state["losses"]), list(state["lrs"])
+        self.history = [dict(r) for r in state["history"]]
+        self._series = {k: [list(e) for e in v] for k, v in state["series"].items()}
+        self.epoch_start = int(state["epoch_start"])
+        self.epoch_ends = [int(i) for i in state["epoch_ends"]]

@@ -1,0 +1,65 @@
+"""TensorBoard: every value the Recorder gets, as scalars, and weight histograms each epoch."""
+from __future__ import annotations
+
+import os
+
+from torch.utils.tensorboard import SummaryWriter
+
+from ..callback import Callback
+from ..util import is_main_process, unwrap_model
+
+__all__ = ["TensorBoard"]
+
+
+class TensorBoard(Callback):
+    """Writes `train_loss` and `lr` per step, every `recorder.log` series, `valid_loss` and metrics per epoch
+    (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes.
+
+    Values are written once per epoch from the Recorder's floats, so logging adds nothing to the per-step path.
+    """
+    order = 70  # after the Recorder has flushed its values for the epoch
+
+    def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True):
+        self.log_dir, self.histograms = str(log_dir), histograms
+        self.writer = None
+
+    def before_fit(self):
+        self.active = is_main_process()
+        if self.active and self.writer is None:
+            self.writer = SummaryWriter(self.log_dir)
+        self.n_written: dict[str, int] = {}
+
+    def _write_series(self, name: str, pairs) -> None:
+        start = self.n_written.get(name, 0)
+        for step, value in pairs[start:]:
+            self.writer.add_scalar(name, value, step)
+        self.n_written[name] = len(pairs)
+
+    def after_epoch(self):
+        if not self.active:
+            return
+        rec = self.learn.recorder
+        losses, lrs = rec.losses, rec.lrs
+        self._write_series("train_loss", list(enumerate(losses)))
+        self._write_series("lr", list(enumerate(lrs)))
+        for name in rec.series_names:
+            self._write_series(name, rec.series(name))
+        step = len(losses)
+        for name, value in rec.history[-1].items():
+            if name not in ("epoch", "train_loss", "time"):
+                self.writer.add_scalar(name, value, step)
+        if self.histograms:
+            for name, p in unwrap_model(self.learn.model).named_parameters():
+                self.writer.add_histogram(name, p.detach().float().cpu(), step)
+        self.writer.flush()
+
+    def state_dict(self) -> dict:
+        return {"n_written": dict(self.n_written)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_written = dict(state["n_written"])
+
+    def after_fit(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

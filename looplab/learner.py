@@ -1,0 +1,300 @@
+"""The Learner: its state, fit / validate / get_preds / save / load, and the training loop itself.
+
+Every level of the loop has the same shape (`_with_events`): fire `before_X`, run the body; on `CancelX` fire
+`after_cancel_X`; then fire `after_X`. Features are callbacks; the loop knows none of them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .callback import LEVEL_EVENTS, Callback, build_table, check_callback
+from .callbacks.progress import ProgressBar
+from .callbacks.recorder import Recorder
+from .data import DataLoaders
+from .io import atomic_save, safe_load
+from .optim import param_groups, set_group_lrs
+from .util import to_device, unwrap_model
+
+__all__ = ["Learner"]
+
+
+def _check_lr(lr: Any) -> None:
+    values = [lr.start, lr.stop] if isinstance(lr, slice) else [lr]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"lr must be a positive finite number (or a slice of two), got {lr!r}")
+
+
+class Learner:
+    """Trains `model` on `data` with `loss_func`, running callbacks at every event of the loop.
+
+    Loop state (the one place it is documented). Callbacks may read all of it and change what is marked ✎:
+
+    | name         | what                                                                                  |
+    |--------------|---------------------------------------------------------------------------------------|
+    | model ✎      | the module being trained (a DDP wrapper of it during a distributed fit)               |
+    | opt ✎        | the optimizer, built once by `opt_func(param_groups, lr=lr)`                           |
+    | loss_func ✎  | `loss_func(pred, yb) -> scalar tensor`                                                 |
+    | dls          | the DataLoaders; `dl` ✎ is the loader of the current phase                             |
+    | xb ✎, yb ✎   | the current batch on the model's device; `xb` is a tuple of model inputs (`model(*xb)`) |
+    | pred ✎       | `model(*xb)`                                                                           |
+    | loss ✎       | the scalar tensor that will be back-propagated (replace it in `after_loss`)            |
+    | training     | True in the training phase, False in validation                                        |
+    | epoch ✎      | 0-based epoch; a callback may set it in `before_fit` to start later (resume)          |
+    | n_epochs     | epochs in this fit                                                                     |
+    | iter         | batch index in the current phase of the epoch                                          |
+    | n_iter       | batches in the current phase (None for loaders without a length)                       |
+    | train_iter ✎ | 0-based index of the current training batch over the whole fit                         |
+    | device       | the device of the model's parameters; batches are moved there                          |
+    | recorder     | the Recorder (always on)                                                               |
+
+    A loader may have an `offset` attribute: the batch its next epoch starts at (exact resume sets it); `iter`
+    then starts from there.
+    """
+
+    def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable,
+                 opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Iterable[Callback] = (),
+                 metrics: Iterable[Callable] = (), splitter: Callable | None = None, progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_func):
+            raise TypeError(f"loss_func must be callable, got {loss_func!r}")
+        if isinstance(data, DataLoaders):
+            self.dls = data
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            self.dls = DataLoaders(*data)
+        else:
+            raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
+        _check_lr(lr)
+        self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
+        self.metrics, self.splitter = list(metrics), splitter
+        self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
+        self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
+        self.cbs: list[Callback] = []
+        self._table: dict | None = None
+        self.recorder = Recorder()
+        self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *cbs])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: train data-parallel
+            from .callbacks.distributed import DistributedDataParallel
+            self.add_cb(DistributedDataParallel())
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ---- callbacks -------------------------------------------------------------------------------------------
+    def add_cb(self, cb: Callback) -> Callback:
+        """Add a callback (rejecting misspelled event methods); returns it."""
+        check_callback(cb)
+        cb.learn = self
+        self.cbs.append(cb)
+        self._table = None
+        return cb
+
+    def add_cbs(self, cbs: Iterable[Callback]) -> None:
+        for cb in cbs:
+            self.add_cb(cb)
+
+    def remove_cb(self, cb: Callback | type) -> None:
+        """Remove a callback instance, or every callback of a class."""
+        gone = [c for c in self.cbs if c is cb or (isinstance(cb, type) and isinstance(c, cb))]
+        if not gone:
+            raise ValueError(f"{cb!r} is not among this Learner's callbacks: {self.cbs}")
+        self.cbs = [c for c in self.cbs if not any(c is g for g in gone)]
+        self._table = None
+
+    def remove_cbs(self, cbs: Iterable[Callback]) -> None:
+        for cb in cbs:
+            if any(c is cb for c in self.cbs):
+                self.remove_cb(cb)
+
+    def _fire(self, event: str) -> None:
+        for handler in self._table[event]:
+            handler()
+
+    def _with_events(self, body: Callable[[], None], level: str) -> None:
+        try:
+            self._fire(f"before_{level}")
+            body()
+        except LEVEL_EVENTS[level]:
+            self._fire(f"after_cancel_{level}")
+        self._fire(f"after_{level}")
+
+    def _ensure_table(self) -> None:
+        if self._table is None:
+            self._table = build_table(self.cbs, self)
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Iterable[Callback] = (),
+            resume_from: str | os.PathLike | None = None) -> None:
+        """Train for `n_epochs`. `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
+
+        `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
+        """
+        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
+            raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}")
+        if lr is not None:
+            _check_lr(lr)
+        if hasattr(self.dls.train, "__len__") and len(self.dls.train) == 0:
+            raise ValueError("the training data is empty: it yields no batches")
+        cbs = list(cbs)
+        if resume_from is not None:
+            from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
+            cbs.insert(0, Resume(resume_from))
+        self.add_cbs(cbs)
+        try:
+            set_group_lrs(self.opt, self.lr if lr is None else lr)
+            self.n_epochs, self.epoch, self.train_iter = n_epochs, 0, 0
+            self._table = build_table(self.cbs, self)
+            self._with_events(self._do_fit, "fit")
+        finally:
+            self.remove_cbs(cbs)
+
+    def _do_fit(self) -> None:
+        while self.epoch < self.n_epochs:
+            self._with_events(self._do_epoch, "epoch")
+            self.epoch += 1
+
+    def _do_epoch(self) -> None:
+        self._with_phase(self.dls.train, True, "train")
+        if self.dls.valid is not None:
+            self._with_phase(self.dls.valid, False, "validate")
+
+    def _with_phase(self, dl, training: bool, level: str) -> None:
+        """Set the phase's state (so `before_train` / `before_validate` see it), then run it with its events."""
+        self.dl, self.training, self.iter = dl, training, getattr(dl, "offset", 0)
+        self.n_iter = len(dl) if hasattr(dl, "__len__") else None
+        self._with_events(self._run_batches, level)
+
+    def _run_batches(self) -> None:
+        dl, device, training = self.dl, self.device, self.training
+        self.model.train(training)
+        n_batches = 0
+        with torch.set_grad_enabled(training):
+            for self.iter, (xb, yb) in enumerate(dl, getattr(dl, "offset", 0)):
+                self.xb = (tuple(to_device(x, device) for x in xb) if isinstance(xb, (tuple, list))
+                           else (xb.to(device, non_blocking=True),))
+                self.yb = to_device(yb, device)
+                self._with_events(self._do_batch, "batch")
+                n_batches += 1
+                if training:
+                    self.train_iter += 1
+        if training and n_batches == 0 and self.n_iter is None:
+            raise ValueError("the training data is empty: it yielded no batches")
+
+    def _do_batch(self) -> None:
+        self.pred = self.model(*self.xb)
+        self._fire("after_pred")
+        self.loss = self.loss_func(self.pred, self.yb)
+        self._fire("after_loss")
+        if not isinstance(self.loss, torch.Tensor) or self.loss.ndim != 0:
+            raise ValueError(f"loss_func must return a scalar tensor, got "
+                             f"{tuple(self.loss.shape) if isinstance(self.loss, torch.Tensor) else self.loss!r}")
+        if self.training:
+            self._with_events(self._do_backward, "backward")
+            self._with_events(self._do_step, "step")
+            self.opt.zero_grad()
+
+    def _do_backward(self) -> None:
+        self.loss.backward()
+
+    def _do_step(self) -> None:
+        self.opt.step()
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
+        """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
+        cbs, dl = list(cbs), self.dls.valid if dl is None else dl
+        if dl is None:
+            raise ValueError("there is no validation data: pass dl=")
+        saved = {k: getattr(self, k, None) for k in ("dl", "training", "iter", "n_iter")}
+        self.add_cbs(cbs)
+        try:
+            self._ensure_table()
+            self._with_phase(dl, False, "validate")
+        finally:
+            self.remove_cbs(cbs)
+            self._ensure_table()
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    def validate(self, dl: Iterable | None = None) -> dict[str, float]:
+        """Loss and metrics over `dl` (default: the validation data): `{"valid_loss": …, <metric name>: …}`."""
+        self._run_phase(dl)
+        return dict(self.recorder.last_validation)
+
+    def get_preds(self, dl: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(preds, targets)` over `dl` (default: the validation data), concatenated in order."""
+        gather = _GatherPreds()
+        self._run_phase(dl, [gather])
+        return torch.cat(gather.preds), torch.cat(gather.targets)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model's and the optimizer's state to `path` (atomically)."""
+        atomic_save({"model": unwrap_model(self.model).state_dict(), "opt": self.opt.state_dict()}, path)
+
+    def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
+        """Load what `save` wrote (`weights_only=True`); errors name the file and what is wrong."""
+        state = safe_load(path, map_location=self.device)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
+        try:
+            unwrap_model(self.model).load_state_dict(state["model"])
+            if with_opt and "opt" in state:
+                self.opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {str(path)!r} does not match this model/optimizer: {e}") from e
+
+    # ---- features, as explicit entry points into their modules ----------------------------------------------
+    def fit_one_cycle(self, n_epochs: int, *args, **kwargs) -> None:
+        """One-cycle policy (see `looplab.callbacks.schedule.fit_one_cycle`)."""
+        from .callbacks.schedule import fit_one_cycle
+        fit_one_cycle(self, n_epochs, *args, **kwargs)
+
+    def fit_warmup_cos(self, n_epochs: int, *args, **kwargs) -> None:
+        """Linear warmup then cosine decay (see `looplab.callbacks.schedule.fit_warmup_cos`)."""
+        from .callbacks.schedule import fit_warmup_cos
+        fit_warmup_cos(self, n_epochs, *args, **kwargs)
+
+    def fit_flat_cos(self, n_epochs: int, *args, **kwargs) -> None:
+        """Flat lr then cosine annealing (see `looplab.callbacks.schedule.fit_flat_cos`)."""
+        from .callbacks.schedule import fit_flat_cos
+        fit_flat_cos(self, n_epochs, *args, **kwargs)
+
+    def fit_sgdr(self, n_cycles: int, *args, **kwargs) -> None:
+        """Cosine annealing with warm restarts (see `looplab.callbacks.schedule.fit_sgdr`)."""
+        from .callbacks.schedule import fit_sgdr
+        fit_sgdr(self, n_cycles, *args, **kwargs)
+
+    def lr_find(self, *args, **kwargs):
+        """LR range test that leaves everything as it found it (see `looplab.lr_finder.lr_find`)."""
+        from .lr_finder import lr_find
+        return lr_find(self, *args, **kwargs)
+
+    def freeze_to(self, n: int) -> None:
+        """Train only parameter groups `n` onwards (see `looplab.optim.freeze_to`)."""
+        from .optim import freeze_to
+        freeze_to(self, n)
+
+    def unfreeze(self) -> None:
+        """Train every parameter group."""
+        self.freeze_to(0)
+
+
+class _GatherPreds(Callback):
+    """Collects predictions and targets of a validation phase, for `get_preds`."""
+    order = 100
+
+    def before_validate(self):
+        self.preds, self.targets = [], []
+
+    def after_loss(self):
+        self.preds.append(self.learn.pred.detach())
+        self.targets.append(self.learn.yb.detach())

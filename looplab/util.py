@@ -1,0 +1,29 @@
+"""Small helpers the core and callbacks share."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap_model", "to_device", "is_main_process"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def to_device(b, device: torch.device):
+    """Move a tensor, or the tensors in a tuple / list / dict, to `device`."""
+    if isinstance(b, torch.Tensor):
+        return b.to(device, non_blocking=True)
+    if isinstance(b, (tuple, list)):
+        return type(b)(to_device(t, device) for t in b)
+    if isinstance(b, dict):
+        return {k: to_device(v, device) for k, v in b.items()}
+    return b
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised process group (only rank 0 shows and writes)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
