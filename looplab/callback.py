@@ -63,6 +63,7 @@ class Callback:
     """
     order: int = 0
     learn: Any = None
+    during_lr_find: bool = True  # False: left out of `lr_find`'s short trial fit (e.g. it writes files)
 
     def state_dict(self) -> dict:
         """The callback's training state as plain data (tensors, numbers, lists, dicts): what a checkpoint saves."""

@@ -18,6 +18,7 @@ class TensorBoard(Callback):
     Values are written once per epoch from the Recorder's floats, so logging adds nothing to the per-step path.
     """
     order = 70  # after the Recorder has flushed its values for the epoch
+    during_lr_find = False
 
     def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True):
         self.log_dir, self.histograms = str(log_dir), histograms
