@@ -7,7 +7,6 @@ share of every global batch (DDP), so the ranks' batches k together are the one-
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Iterable, Sequence
 
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["DataLoaders", "TensorLoader", "DatasetLoader", "derive_seed", "epoch_order", "epoch_batches",
-           "shard"]
+           "n_batches", "shard"]
 
 
 # Domains, so the seeds of orders, the valid split, samples and worker base seeds never coincide.
@@ -44,13 +43,28 @@ def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return idx[lo:hi]
 
 
+def n_batches(n: int, bs: int, drop_last: bool, rank: int = 0, world_size: int = 1, even: bool = True) -> int:
+    """How many batches `epoch_batches` gives rank `rank` each epoch.
+
+    With several ranks, a last global batch too small to give every rank a sample is dropped when `even` (in
+    training every rank must take the same number of steps), else kept, and a rank it leaves without a sample
+    gets one batch fewer (in validation every sample counts once).
+    """
+    full, tail = divmod(n, bs * world_size)
+    if not tail or drop_last:
+        return full
+    if world_size == 1:
+        return full + 1
+    return full + (tail >= world_size if even else (rank + 1) * tail // world_size > rank * tail // world_size)
+
+
 def epoch_batches(n: int, bs: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
-                  rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+                  rank: int = 0, world_size: int = 1, even: bool = True) -> list[torch.Tensor]:
     """This rank's batches of indices for one epoch; global batch k holds `bs * world_size` samples."""
     global_bs = bs * world_size
     order = epoch_order(n, seed, epoch, shuffle)
-    n_batches = n // global_bs if drop_last else math.ceil(n / global_bs)
-    return [shard(order[k * global_bs:(k + 1) * global_bs], rank, world_size) for k in range(n_batches)]
+    return [shard(order[k * global_bs:(k + 1) * global_bs], rank, world_size)
+            for k in range(n_batches(n, bs, drop_last, rank, world_size, even))]
 
 
 def _check_bs(bs: Any) -> None:
@@ -68,27 +82,30 @@ class _SeededLoader:
     def __init__(self, n: int, bs: int, shuffle: bool, seed: int, drop_last: bool):
         _check_bs(bs)
         self.n, self.bs, self.shuffle, self.seed, self.drop_last = n, bs, shuffle, seed, drop_last
-        self.epoch, self.offset, self.rank, self.world_size = 0, 0, 0, 1
+        self.epoch, self.offset, self.rank, self.world_size, self.even = 0, 0, 0, 1, True
 
     def __len__(self) -> int:
-        global_bs = self.bs * self.world_size
-        return self.n // global_bs if self.drop_last else math.ceil(self.n / global_bs)
+        return n_batches(self.n, self.bs, self.drop_last, self.rank, self.world_size, self.even)
 
     def _next_plan(self) -> tuple[int, list[torch.Tensor]]:
         """Start the next epoch: its number and this rank's batches from the offset on; moves the counters on."""
         epoch, offset = self.epoch, self.offset
         batches = epoch_batches(self.n, self.bs, self.seed, epoch, self.shuffle, self.drop_last,
-                                self.rank, self.world_size)
+                                self.rank, self.world_size, self.even)
         self.epoch, self.offset = epoch + 1, 0
         return epoch, batches[offset:]
 
-    def set_distributed(self, rank: int, world_size: int) -> None:
-        """Take rank `rank`'s share of every global batch of `bs * world_size` samples."""
+    def set_distributed(self, rank: int, world_size: int, even: bool = True) -> None:
+        """Take rank `rank`'s share of every global batch of `bs * world_size` samples.
+
+        `even`: every rank gets the same number of batches (training); False: every sample is used (validation).
+        See `n_batches`.
+        """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         if self.n < world_size:
             raise ValueError(f"{self.n} samples cannot be shared by {world_size} processes")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.even = rank, world_size, even
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
