@@ -30,6 +30,11 @@ def _check_lr(lr: Any) -> None:
             raise ValueError(f"lr must be a positive finite number (or a slice of two), got {lr!r}")
 
 
+# level -> its event names and Cancel exception, built once
+_LEVELS = {level: (f"before_{level}", f"after_cancel_{level}", f"after_{level}", exc)
+           for level, exc in LEVEL_EVENTS.items()}
+
+
 class Learner:
     """Trains `model` on `data` with `loss_func`, running callbacks at every event of the loop.
 
@@ -119,12 +124,18 @@ class Learner:
             handler()
 
     def _with_events(self, body: Callable[[], None], level: str) -> None:
+        """before_X; body; on CancelX: after_cancel_X; then after_X. (The hot path: no string building here.)"""
+        before, after_cancel, after, cancel_exc = _LEVELS[level]
+        table = self._table
         try:
-            self._fire(f"before_{level}")
+            for handler in table[before]:
+                handler()
             body()
-        except LEVEL_EVENTS[level]:
-            self._fire(f"after_cancel_{level}")
-        self._fire(f"after_{level}")
+        except cancel_exc:
+            for handler in table[after_cancel]:
+                handler()
+        for handler in table[after]:
+            handler()
 
     def _ensure_table(self) -> None:
         if self._table is None:

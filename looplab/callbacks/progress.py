@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from tqdm.auto import tqdm
 
@@ -18,14 +19,16 @@ def _fmt(v) -> str:
 class ProgressBar(Callback):
     """On by default (`Learner(..., progress=False)` turns it off). Only rank 0 of a distributed run shows it.
 
-    The bar is advanced about `updates_per_epoch` times per phase, not every batch, so it costs the per-batch
-    path one integer comparison.
+    The bar is redrawn at most every `refresh_s` seconds, not every batch, so it costs the per-batch path one
+    clock read and a comparison; the running loss it shows is the mean since the last redraw.
     """
     order = 60  # after the Recorder, whose values it shows
 
-    def __init__(self, updates_per_epoch: int = 20):
-        self.updates_per_epoch = updates_per_epoch
+    def __init__(self, refresh_s: float = 0.25):
+        self.refresh_s = refresh_s
         self.bar = None
+
+    show = False  # validate() outside a fit shows no bar
 
     def before_fit(self):
         self.show = is_main_process()
@@ -33,33 +36,32 @@ class ProgressBar(Callback):
 
     def _open(self, desc: str):
         learn = self.learn
+        self.next_refresh = math.inf
         if not self.show:
-            self.next_update = math.inf
             return
-        self.bar = tqdm(total=learn.n_iter, desc=f"epoch {learn.epoch} {desc}", leave=False, dynamic_ncols=True)
-        self.done = learn.iter if learn.n_iter is None else 0
-        self.every = max(1, (learn.n_iter or 100) // self.updates_per_epoch)
-        self.next_update = getattr(learn.dl, "offset", 0) + self.every - 1
+        self.bar = tqdm(total=learn.n_iter, desc=f"epoch {learn.epoch} {desc}", leave=False, dynamic_ncols=True,
+                        initial=learn.iter)
+        self.shown_losses = len(learn.recorder.losses)
+        self.next_refresh = time.perf_counter() + self.refresh_s
 
     def before_train(self):
         self._open("train")
 
     def before_validate(self):
-        if getattr(self, "show", False):  # validate() outside fit shows no bar
-            self._open("valid")
-        else:
-            self.next_update = math.inf
+        self._open("valid")
 
     def after_batch(self):
-        learn = self.learn
-        if learn.iter < self.next_update:
+        if time.perf_counter() < self.next_refresh:
             return
-        self.next_update = learn.iter + self.every
+        learn = self.learn
         self.bar.update(learn.iter + 1 - self.bar.n)
         if learn.training:
-            recent = learn.recorder.losses[-self.every:]
+            losses = learn.recorder.losses
+            recent = losses[self.shown_losses:]
+            self.shown_losses = len(losses)
             if recent:
                 self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+        self.next_refresh = time.perf_counter() + self.refresh_s
 
     def _close(self):
         if self.bar is not None:

@@ -34,11 +34,14 @@ class Recorder(Callback):
     def __init__(self):
         self._reset()
         self.last_validation: dict[str, float] = {}
+        self.valid_totals: torch.Tensor | None = None  # sums of this validation phase, consumed by after_validate
+        self.valid_count = 0
 
     def _reset(self) -> None:
         self._losses: list[Any] = []
         self.lrs: list[float] = []
         self._series: dict[str, list[list]] = {}
+        self._n_flushed, self._series_flushed = 0, {}  # how much of each list holds floats already
         self.history: list[dict[str, float]] = []
         self.epoch_start = 0  # index in `losses` of the current epoch's first step
         self.epoch_ends: list[int] = []  # index in `losses` of each epoch's last step (for plots)
@@ -73,9 +76,13 @@ class Recorder(Callback):
 
     def flush(self) -> None:
         """Turn the tensors recorded since the last flush into floats (one host transfer)."""
-        slots = [(self._losses, i) for i, v in enumerate(self._losses) if isinstance(v, torch.Tensor)]
-        slots += [(entry, 1) for values in self._series.values() for entry in values
-                  if isinstance(entry[1], torch.Tensor)]
+        slots = [(self._losses, i) for i in range(self._n_flushed, len(self._losses))]
+        self._n_flushed = len(self._losses)
+        for name, entries in self._series.items():
+            done = self._series_flushed.get(name, 0)
+            slots += [(entries[i], 1) for i in range(done, len(entries)) if isinstance(entries[i][1], torch.Tensor)]
+            self._series_flushed[name] = len(entries)
+        slots = [(holder, i) for holder, i in slots if isinstance(holder[i], torch.Tensor)]
         if not slots:
             return
         tensors = [holder[i].reshape(()).float() for holder, i in slots]
@@ -98,8 +105,7 @@ class Recorder(Callback):
         self.epoch_start = len(self._losses)
 
     def before_validate(self):
-        self.valid_totals: torch.Tensor | None = None
-        self.valid_count = 0
+        self.valid_totals, self.valid_count = None, 0
 
     def after_loss(self):
         learn = self.learn
@@ -116,9 +122,10 @@ class Recorder(Callback):
         self.valid_count += n
 
     def after_validate(self):
-        if self.valid_totals is None:
+        if self.valid_totals is None:  # no validation batch ran
             return
         means = (self.valid_totals / self.valid_count).tolist()
+        self.valid_totals, self.valid_count = None, 0
         names = ["valid_loss", *(getattr(m, "__name__", type(m).__name__) for m in self.learn.metrics)]
         self.last_validation = dict(zip(names, means))
 
@@ -169,5 +176,6 @@ class Recorder(Callback):
         self._losses, self.lrs = list(state["losses"]), list(state["lrs"])
         self.history = [dict(r) for r in state["history"]]
         self._series = {k: [list(e) for e in v] for k, v in state["series"].items()}
+        self._n_flushed, self._series_flushed = len(self._losses), {k: len(v) for k, v in self._series.items()}
         self.epoch_start = int(state["epoch_start"])
         self.epoch_ends = [int(i) for i in state["epoch_ends"]]
