@@ -224,6 +224,8 @@ class DataLoaders:
                 raise ValueError(f"valid_pct must be in (0, 1), got {valid_pct!r}")
             xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
             n = len(y)
+            if any(len(t) != n for t in xs):
+                raise ValueError(f"inputs and targets differ in length: {[len(t) for t in xs]} vs {n}")
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _SPLIT)))
             n_valid = max(1, round(n * valid_pct))
             vi, ti = perm[:n_valid], perm[n_valid:]
