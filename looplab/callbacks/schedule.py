@@ -1,0 +1,200 @@
+"""ParamScheduler: any optimizer hyper-parameter as a function of the position in training; the fit_* policies.
+
+Position of training batch `i` of `N` in the fit (`N = n_epochs * len(train loader)`) is `i / N`, with
+`i = learn.train_iter`, so a resumed fit continues the schedule exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Iterable
+
+from ..callback import Callback
+from ..schedules import combine_scheds, sched_const, sched_cos, sched_lin, sgdr_schedule
+
+__all__ = ["ParamScheduler", "fit_one_cycle", "fit_warmup_cos", "fit_flat_cos", "fit_sgdr"]
+
+# Friendly names -> optimizer param-group keys. "mom" is resolved per optimizer (momentum or betas[0]).
+_ALIASES = {"wd": "weight_decay"}
+
+
+def _group_key(group: dict, name: str) -> tuple[str, int | None]:
+    """The param-group entry a hyper-parameter lives in: `(key, None)`, or `("betas", 0)` for Adam's momentum."""
+    if name == "mom":
+        if "betas" in group:
+            return "betas", 0
+        if "momentum" in group:
+            return "momentum", None
+        raise ValueError("cannot schedule 'mom': the optimizer's param groups have neither 'momentum' nor 'betas'")
+    key = _ALIASES.get(name, name)
+    if key not in group:
+        raise ValueError(f"cannot schedule {name!r}: the optimizer's param groups have no {key!r} "
+                         f"(they have {sorted(k for k in group if k != 'params')})")
+    return key, None
+
+
+def _read(group: dict, key: str, index: int | None) -> float:
+    return float(group[key] if index is None else group[key][index])
+
+
+class ParamScheduler(Callback):
+    """Sets optimizer hyper-parameters before every training batch: `ParamScheduler({"lr": f, "mom": g, "wd": h})`.
+
+    Each `f(pos)` gives the value for the last param group; the other groups keep the ratio to it they had when
+    the fit started (discriminative lrs survive scheduling). `mom` is `momentum` (SGD, RMSprop) or `betas[0]`
+    (Adam family, Lion); `wd` is `weight_decay`; any other name is a param-group key. The values in force are
+    logged to the Recorder under their names (the Recorder logs `lr` itself).
+    """
+    order = 10  # before anything that reads the hyper-parameters of this batch
+    during_lr_find = False  # the LR finder sets the lr itself
+
+    def __init__(self, scheds: dict[str, Callable[[float], float]]):
+        if not isinstance(scheds, dict) or not scheds:
+            raise ValueError(f"scheds must be a non-empty dict of name -> f(pos), got {scheds!r}")
+        for name, f in scheds.items():
+            if not isinstance(name, str) or not callable(f):
+                raise TypeError(f"scheds must map names to callables f(pos), got {name!r}: {f!r}")
+        self.scheds = dict(scheds)
+        self.ratios: dict[str, list[float]] = {}
+        self._ratios_loaded = False
+
+    def before_fit(self):
+        groups = self.learn.opt.param_groups
+        self._plan = []
+        ratios = {}
+        for name, f in self.scheds.items():
+            key, index = _group_key(groups[0], name)
+            last = _read(groups[-1], key, index)
+            ratios[name] = [_read(g, key, index) / last if last != 0 else 1.0 for g in groups]
+            self._plan.append((name, f, key, index, name != "lr"))
+        if not self._ratios_loaded:  # a resumed fit keeps the ratios it saved (exact to the bit)
+            self.ratios = ratios
+        self._ratios_loaded = False
+
+    def after_fit(self):
+        self._ratios_loaded = False  # state loaded during the fit (by Resume) was for this fit only
+
+    def before_train(self):
+        n_iter = self.learn.n_iter
+        if not n_iter:
+            raise ValueError("ParamScheduler needs a training loader with a length (to know the position in the fit)")
+        self.n_total = self.learn.n_epochs * n_iter
+
+    def before_batch(self):
+        learn = self.learn
+        if not learn.training:
+            return
+        pos = min(learn.train_iter / self.n_total, 1.0)
+        groups = learn.opt.param_groups
+        for name, f, key, index, log in self._plan:
+            value = f(pos)
+            if index is None:
+                for group, ratio in zip(groups, self.ratios[name]):
+                    group[key] = value * ratio
+            else:
+                for group, ratio in zip(groups, self.ratios[name]):
+                    group[key] = (value * ratio, *group[key][1:])
+            if log:
+                learn.recorder.log(name, value)
+
+    def state_dict(self) -> dict:
+        return {"ratios": {k: list(v) for k, v in self.ratios.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ratios = {k: [float(r) for r in v] for k, v in state["ratios"].items()}
+        self._ratios_loaded = True
+
+
+# ---- the fit policies ------------------------------------------------------------------------------------------
+def _lr_max(learn, lr) -> float | slice:
+    return learn.lr if lr is None else lr
+
+
+def _top(lr: float | slice) -> float:
+    return float(lr.stop) if isinstance(lr, slice) else float(lr)
+
+
+def _check(name: str, value, low: float = 0.0, high: float = math.inf, closed_low: bool = False) -> None:
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if not (number and (low <= value if closed_low else low < value) and value <= high):
+        raise ValueError(f"{name} must be in {'[' if closed_low else '('}{low}, {high}], got {value!r}")
+
+
+def _fit(learn, n_epochs: int, lr, scheds: dict, cbs: Iterable[Callback], fit_kwargs: dict) -> None:
+    learn.fit(n_epochs, lr=lr, cbs=[ParamScheduler(scheds), *cbs], **fit_kwargs)
+
+
+def fit_one_cycle(learn, n_epochs: int, lr_max: float | slice | None = None, pct_start: float = 0.25,
+                  div: float = 25.0, div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+                  cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
+    """One-cycle policy: lr cosine up from `lr_max/div` to `lr_max` over the first `pct_start` of training, then
+    cosine down to `lr_max/div_final`; momentum (if `moms`) cosine from moms[0] to moms[1] and back to moms[2].
+
+    `lr_max=None` uses the Learner's lr; a slice schedules the last group and keeps the others' ratios.
+    `fit_kwargs` (e.g. `resume_from=`) go to `learn.fit`.
+    """
+    lr_max = _lr_max(learn, lr_max)
+    _check("pct_start", pct_start, 0.0, 1.0, closed_low=True)
+    _check("div", div)
+    _check("div_final", div_final)
+    top = _top(lr_max)
+    phases = [pct_start, 1 - pct_start]
+    scheds = {"lr": combine_scheds(phases, [partial(sched_cos, top / div, top),
+                                            partial(sched_cos, top, top / div_final)])}
+    if moms is not None:
+        if len(moms) != 3:
+            raise ValueError(f"moms must be (start, middle, end) or None, got {moms!r}")
+        scheds["mom"] = combine_scheds(phases, [partial(sched_cos, moms[0], moms[1]),
+                                                partial(sched_cos, moms[1], moms[2])])
+    _fit(learn, n_epochs, lr_max, scheds, cbs, fit_kwargs)
+
+
+def fit_warmup_cos(learn, n_epochs: int, lr: float | slice | None = None, warmup: float = 0.1,
+                   warmup_epochs: float | None = None, div: float = 100.0, lr_min: float = 0.0,
+                   cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
+    """Linear warmup from `lr/div` to `lr`, then cosine decay to `lr_min`.
+
+    The warmup is `warmup`, a fraction of training in [0, 1), or `warmup_epochs` (epochs, may be fractional,
+    e.g. from `scale_for_batch`), which then takes precedence. `lr=None` uses the Learner's lr.
+    """
+    lr = _lr_max(learn, lr)
+    if warmup_epochs is not None:
+        if not (not isinstance(warmup_epochs, bool) and isinstance(warmup_epochs, (int, float))
+                and 0 <= warmup_epochs < max(n_epochs, 1)):
+            raise ValueError(f"warmup_epochs must be in [0, n_epochs={n_epochs}), got {warmup_epochs!r}")
+        warmup = warmup_epochs / n_epochs if n_epochs else 0.0
+    if not (not isinstance(warmup, bool) and isinstance(warmup, (int, float)) and 0 <= warmup < 1):
+        raise ValueError(f"warmup must be a fraction of training in [0, 1), got {warmup!r} "
+                         f"(give a number of epochs as warmup_epochs=)")
+    _check("div", div)
+    _check("lr_min", lr_min, closed_low=True)
+    top = _top(lr)
+    scheds = {"lr": combine_scheds([warmup, 1 - warmup], [partial(sched_lin, top / div, top),
+                                                         partial(sched_cos, top, lr_min)])}
+    _fit(learn, n_epochs, lr, scheds, cbs, fit_kwargs)
+
+
+def fit_flat_cos(learn, n_epochs: int, lr: float | slice | None = None, pct_start: float = 0.75,
+                 div_final: float = 1e5, cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
+    """Flat lr for the first `pct_start` of training, then cosine down to `lr/div_final`."""
+    lr = _lr_max(learn, lr)
+    _check("pct_start", pct_start, 0.0, 1.0, closed_low=True)
+    _check("div_final", div_final)
+    top = _top(lr)
+    scheds = {"lr": combine_scheds([pct_start, 1 - pct_start], [partial(sched_const, top, top),
+                                                               partial(sched_cos, top, top / div_final)])}
+    _fit(learn, n_epochs, lr, scheds, cbs, fit_kwargs)
+
+
+def fit_sgdr(learn, n_cycles: int, cycle_len: int = 1, lr_max: float | slice | None = None,
+             cycle_mult: int = 2, lr_min: float = 0.0, cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
+    """SGDR: `n_cycles` cosine cycles from `lr_max` to `lr_min`, the first `cycle_len` epochs long, each next one
+    `cycle_mult` times longer (so the fit lasts `cycle_len * (1 + m + … + m**(n_cycles-1))` epochs)."""
+    for name, v in (("n_cycles", n_cycles), ("cycle_len", cycle_len), ("cycle_mult", cycle_mult)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    _check("lr_min", lr_min, closed_low=True)
+    lr_max = _lr_max(learn, lr_max)
+    n_epochs = cycle_len * sum(cycle_mult ** k for k in range(n_cycles))
+    scheds = {"lr": sgdr_schedule(_top(lr_max), lr_min, n_cycles, cycle_mult)}
+    _fit(learn, n_epochs, lr_max, scheds, cbs, fit_kwargs)
