@@ -1,12 +1,13 @@
-"""Optimizer helpers: parameter groups from a splitter, slice (discriminative) learning rates, freezing."""
+"""Optimizers and their helpers: Lion; parameter groups from a splitter, slice (discriminative) lrs, freezing."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["lrs_for_groups", "param_groups", "set_group_lrs", "freeze_to"]
+__all__ = ["Lion", "lion_update", "lrs_for_groups", "param_groups", "set_group_lrs", "freeze_to"]
 
 
 def lrs_for_groups(lr: float | slice, n_groups: int) -> list[float]:
@@ -34,11 +35,74 @@ def set_group_lrs(opt: torch.optim.Optimizer, lr: float | slice) -> None:
 
 
 def freeze_to(learn, n: int) -> None:
-    """Freeze parameter groups before `n` (no gradients), train groups `n` onwards; `n=0` unfreezes all."""
+    """Freeze parameter groups before `n` (no gradients), train groups `n` onwards; `n=0` unfreezes all.
+
+    A negative `n` counts from the end (`-1`: train only the last group). Frozen parameters also lose any
+    gradient they hold, so no optimizer (weight decay, momentum) moves them.
+    """
     groups = learn.opt.param_groups
-    if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
-        raise ValueError(f"n must be an int in [-{len(groups)}, {len(groups)}], got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n < len(groups):
+        raise ValueError(f"n must be an int in [-{len(groups)}, {len(groups) - 1}] (this optimizer has "
+                         f"{len(groups)} param groups; freezing all would leave nothing to train), got {n!r}")
     n = n % len(groups) if n < 0 else n
     for i, group in enumerate(groups):
         for p in group["params"]:
             p.requires_grad_(i >= n)
+            if i < n:
+                p.grad = None
+
+
+@torch.no_grad()
+def lion_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, lr: float, beta1: float,
+                beta2: float, weight_decay: float) -> None:
+    """One Lion step for one tensor, in place (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+
+    `c = β1·m + (1−β1)·g;  θ ← θ·(1 − lr·wd) − lr·sign(c);  m ← β2·m + (1−β2)·g`. Stateless: all state is `exp_avg`.
+    """
+    update = (exp_avg * beta1 + grad * (1 - beta1)).sign_()
+    param.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+def _check_unit(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion: the sign of an interpolated momentum as the update, with decoupled weight decay; one state tensor.
+
+    Memory-light (no second moment). Its updates have unit size per coordinate, so it wants a 3-10x smaller lr
+    than AdamW and a correspondingly larger weight decay. `betas[0]` is what `ParamScheduler`'s `mom` sets.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a non-negative finite number, got {lr!r}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_unit("betas[0]", betas[0])
+        _check_unit("betas[1]", betas[1])
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lion_update(p, p.grad, state["exp_avg"], group["lr"], beta1, beta2, group["weight_decay"])
+        return loss
