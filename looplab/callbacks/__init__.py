@@ -1,7 +1,9 @@
 """One module per feature. Feature modules import the core's pieces (callback, util, data, the pure modules),
 never `looplab.learner` at import time: the Learner imports the default callbacks from here."""
+from .precision import MixedPrecision
 from .progress import ProgressBar
 from .recorder import Recorder
 from .tensorboard import TensorBoard
 
 __all__ = ["ProgressBar", "Recorder", "TensorBoard"]
+__all__ += ["MixedPrecision"]

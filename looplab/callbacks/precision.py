@@ -1,0 +1,174 @@
+"""MixedPrecision: autocast forward passes, with a dynamic loss scale that is logged, exposed and checkpointed."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..callback import Callback, CancelStep
+
+__all__ = ["MixedPrecision"]
+
+
+def _to_float32(pred):
+    """`pred` with its float16 / bfloat16 tensors (also inside tuples, lists, dicts) cast to float32."""
+    if isinstance(pred, torch.Tensor):
+        return pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+    if isinstance(pred, (tuple, list)):
+        return type(pred)(_to_float32(p) for p in pred)
+    if isinstance(pred, dict):
+        return {k: _to_float32(v) for k, v in pred.items()}
+    return pred
+
+
+class MixedPrecision(Callback):
+    """Runs the model's forward under `torch.autocast(device type, dtype)` in training and validation.
+
+    float16 scales the loss with a `torch.amp.GradScaler` for the model's device: a step whose gradients overflow
+    is skipped (weights untouched) and the scale backs off. Unlike a scaler hidden inside the loop, its scale is
+    visible: `.scale`, `.overflows`, a `loss_scale` series logged every training batch (the scale that batch's loss
+    was multiplied by, i.e. before this step's update), and the callback's `state_dict`, so a checkpoint resumes at
+    the scale it had. bfloat16 needs no scaler (and logs no `loss_scale`).
+
+    Predictions go back to float32 in `after_pred`, before the loss and metrics. Gradients are unscaled once per
+    step in `after_backward`, so every `before_step` callback (e.g. `GradientClip`) sees true gradients; the step
+    itself is `scaler.step` + `scaler.update` in `before_step`, which then raises `CancelStep` so the loop does not
+    step again: `before_step` handlers of callbacks ordered after this one do not run.
+    """
+    order = 30  # after GradientAccumulation (10) cancels micro-batches, GradientClip (20) clips; before Recorder
+
+    def __init__(self, dtype: torch.dtype = torch.float16, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
+        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        if not (isinstance(growth_factor, (int, float)) and growth_factor > 1):
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
+        if not (isinstance(backoff_factor, (int, float)) and 0 < backoff_factor < 1):
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+        self.dtype = dtype
+        self._scaler_args = dict(init_scale=float(init_scale), growth_factor=float(growth_factor),
+                                 backoff_factor=float(backoff_factor), growth_interval=growth_interval)
+        self.scaler: torch.amp.GradScaler | None = None
+        self._scaler_device: str | None = None
+        self._loaded_scaler_state: dict | None = None  # loaded before the scaler exists; applied when it is built
+        self._overflows: int | torch.Tensor = 0  # a device tensor once training ran: counted without a host sync
+        self._hooks: tuple = ()
+        self._armed, self._autocast, self._unscaled = False, None, False
+
+    # ---- what it exposes -------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """The current loss scale (1.0 for bfloat16)."""
+        if self.dtype is torch.bfloat16:
+            return 1.0
+        state = self._scaler_state()
+        return float(state["scale"]) if state else self._scaler_args["init_scale"]
+
+    @property
+    def overflows(self) -> int:
+        """How many optimizer steps were skipped because their gradients overflowed."""
+        return int(self._overflows)
+
+    # ---- autocast around exactly the model's forward -----------------------------------------------------------
+    # Forward hooks rather than entering autocast in before_batch and leaving it in after_pred: the forward hook
+    # runs even when the forward raises (`always_call`), so autocast can never stay switched on for the thread.
+    def _enter_autocast(self, module, args) -> None:
+        if self._armed:
+            self._armed = False
+            self._autocast = torch.autocast(self._device_type, dtype=self.dtype)
+            self._autocast.__enter__()
+
+    def _exit_autocast(self, module, args, output) -> None:
+        if self._autocast is not None:
+            ctx, self._autocast = self._autocast, None
+            ctx.__exit__(None, None, None)
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._armed = (), False
+
+    # ---- events ------------------------------------------------------------------------------------------------
+    def before_fit(self):
+        learn = self.learn
+        self._device_type = learn.device.type
+        self._remove_hooks()  # left over if an earlier fit ended with an exception
+        self._hooks = (learn.model.register_forward_pre_hook(self._enter_autocast),
+                       learn.model.register_forward_hook(self._exit_autocast, always_call=True))
+        if self.dtype is torch.float16 and self._scaler_device != self._device_type:
+            state = self._scaler_state()
+            self.scaler = torch.amp.GradScaler(self._device_type, **self._scaler_args)
+            self._scaler_device = self._device_type
+            if state is not None:
+                self.scaler.load_state_dict(state)  # before the scaler's lazy init: it starts from this state
+            self._loaded_scaler_state = None
+        self._one = torch.ones((), device=learn.device)  # `scaler.scale(one)` reads the scale without a sync
+        self._unscaled = False
+
+    def before_batch(self):
+        self._armed = True
+
+    def after_pred(self):
+        self._armed = False
+        self.learn.pred = _to_float32(self.learn.pred)
+
+    def before_backward(self):
+        if self.scaler is None:
+            return
+        learn = self.learn
+        learn.loss = self.scaler.scale(learn.loss)
+        self._batch_scale = self.scaler.scale(self._one)
+        learn.recorder.log("loss_scale", self._batch_scale)
+
+    def after_backward(self):
+        # Reached only by micro-batches that step (GradientAccumulation cancels the others first).
+        if self.scaler is not None:
+            self.scaler.unscale_(self.learn.opt)  # also records whether the gradients overflowed
+            self._unscaled = True
+
+    def before_step(self):
+        if self.scaler is None:
+            return
+        self.scaler.step(self.learn.opt)  # skips optimizer.step() if the gradients hold inf/nan
+        self.scaler.update()
+        self._unscaled = False
+        # update() multiplies the scale by backoff_factor (< 1) exactly when the step was skipped.
+        self._overflows = self._overflows + (self.scaler.scale(self._one) < self._batch_scale).int()
+        raise CancelStep  # the step is done
+
+    def after_batch(self):
+        self._armed = False
+        if self._unscaled:  # unscaled, but a callback ordered before this one cancelled the step: end the iteration
+            self.scaler.update()
+            self._unscaled = False
+
+    def after_fit(self):
+        self._remove_hooks()
+
+    # ---- checkpointing ---------------------------------------------------------------------------------------
+    def _scaler_state(self) -> dict | None:
+        if self.scaler is not None:
+            return self.scaler.state_dict()
+        return None if self._loaded_scaler_state is None else dict(self._loaded_scaler_state)
+
+    def state_dict(self) -> dict:
+        state = self._scaler_state()
+        if state is None and self.dtype is torch.float16:
+            a = self._scaler_args
+            state = {"scale": a["init_scale"], "growth_factor": a["growth_factor"],
+                     "backoff_factor": a["backoff_factor"], "growth_interval": a["growth_interval"],
+                     "_growth_tracker": 0}
+        return {"scaler": state or {}, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict) -> None:
+        scaler_state = dict(state["scaler"])
+        if scaler_state and self.dtype is torch.float16:
+            if self.scaler is not None:
+                self.scaler.load_state_dict(scaler_state)
+            else:
+                self._loaded_scaler_state = scaler_state
+        self._overflows = int(state["overflows"])
