@@ -81,7 +81,7 @@ class Learner:
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
         self.cbs: list[Callback] = []
-        self._table: dict | None = None
+        self._table: dict = build_table(self.cbs, self)
         self.recorder = Recorder()
         self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *cbs])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: train data-parallel
@@ -99,7 +99,7 @@ class Learner:
         check_callback(cb)
         cb.learn = self
         self.cbs.append(cb)
-        self._table = None
+        self._table = build_table(self.cbs, self)  # rebuilt only when the callbacks change
         return cb
 
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
@@ -112,7 +112,7 @@ class Learner:
         if not gone:
             raise ValueError(f"{cb!r} is not among this Learner's callbacks: {self.cbs}")
         self.cbs = [c for c in self.cbs if not any(c is g for g in gone)]
-        self._table = None
+        self._table = build_table(self.cbs, self)
 
     def remove_cbs(self, cbs: Iterable[Callback]) -> None:
         for cb in cbs:
@@ -137,10 +137,6 @@ class Learner:
         for handler in table[after]:
             handler()
 
-    def _ensure_table(self) -> None:
-        if self._table is None:
-            self._table = build_table(self.cbs, self)
-
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Iterable[Callback] = (),
             resume_from: str | os.PathLike | None = None) -> None:
@@ -162,7 +158,6 @@ class Learner:
         try:
             set_group_lrs(self.opt, self.lr if lr is None else lr)
             self.n_epochs, self.epoch, self.train_iter = n_epochs, 0, 0
-            self._table = build_table(self.cbs, self)
             self._with_events(self._do_fit, "fit")
         finally:
             self.remove_cbs(cbs)
@@ -227,11 +222,9 @@ class Learner:
         saved = {k: getattr(self, k, None) for k in ("dl", "training", "iter", "n_iter")}
         self.add_cbs(cbs)
         try:
-            self._ensure_table()
             self._with_phase(dl, False, "validate")
         finally:
             self.remove_cbs(cbs)
-            self._ensure_table()
             for k, v in saved.items():
                 setattr(self, k, v)
 

@@ -178,13 +178,33 @@ def test_handlers_may_take_the_learner_as_argument():
     assert got and all(g is learn for g in got)
 
 
-def test_dispatch_table_is_built_once_per_fit(monkeypatch):
+def test_dispatch_table_is_built_when_callbacks_change_not_per_batch(monkeypatch):
     calls = []
     real = looplab.learner.build_table
     monkeypatch.setattr(looplab.learner, "build_table", lambda *a: calls.append(1) or real(*a))
     learn = make_learner(make_batches(20))
+    calls.clear()
     learn.fit(3)
-    assert len(calls) == 1
+    assert len(calls) == 0  # 60 batches, 3 epochs: no rebuild
+    learn.fit(1, cbs=[Callback()])
+    assert len(calls) == 2  # added for the fit, removed after it
+
+
+def test_a_callback_added_during_fit_runs_from_then_on():
+    seen = []
+
+    class Late(Callback):
+        def after_batch(self):
+            seen.append((self.learn.train_iter, self.learn.training))
+
+    class Adder(Callback):
+        def after_epoch(self):
+            if self.learn.epoch == 0:
+                self.learn.add_cb(Late())
+
+    learn = make_learner(make_batches(3))
+    learn.fit(2, cbs=[Adder()])
+    assert seen == [(3, True), (4, True), (5, True), (6, False), (6, False)]
 
 
 def test_loop_state_is_visible_to_callbacks():
