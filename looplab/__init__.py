@@ -4,7 +4,11 @@ from .callback import (Callback, CancelBackward, CancelBatch, CancelEpoch, Cance
 from .callbacks import ProgressBar, Recorder, TensorBoard
 from .data import DataLoaders
 from .learner import Learner
+from .callbacks.schedule import ParamScheduler
+from .lr_finder import LRFinder, LRFindResult
+from .optim import Lion
 
 __version__ = "0.1.0"
 __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "CancelTrain", "CancelValidate",
            "CancelEpoch", "CancelFit", "CancelBackward", "Recorder", "ProgressBar", "TensorBoard"]
+__all__ += ["ParamScheduler", "LRFinder", "LRFindResult", "Lion"]

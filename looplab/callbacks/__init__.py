@@ -3,7 +3,9 @@ never `looplab.learner` at import time: the Learner imports the default callback
 from .precision import MixedPrecision
 from .progress import ProgressBar
 from .recorder import Recorder
+from .schedule import ParamScheduler
 from .tensorboard import TensorBoard
 
 __all__ = ["ProgressBar", "Recorder", "TensorBoard"]
 __all__ += ["MixedPrecision"]
+__all__ += ["ParamScheduler"]
