@@ -1,5 +1,7 @@
 """One module per feature. Feature modules import the core's pieces (callback, util, data, the pure modules),
 never `looplab.learner` at import time: the Learner imports the default callbacks from here."""
+from .accumulate import GradientAccumulation
+from .clip import GradientClip
 from .precision import MixedPrecision
 from .progress import ProgressBar
 from .recorder import Recorder
@@ -9,3 +11,4 @@ from .tensorboard import TensorBoard
 __all__ = ["ProgressBar", "Recorder", "TensorBoard"]
 __all__ += ["MixedPrecision"]
 __all__ += ["ParamScheduler"]
+__all__ += ["GradientClip", "GradientAccumulation"]

@@ -1,0 +1,53 @@
+"""GradientAccumulation: step every `n_steps` micro-batches, as if they were one batch."""
+from __future__ import annotations
+
+import warnings
+
+from ..callback import Callback, CancelBatch
+
+__all__ = ["GradientAccumulation"]
+
+
+class GradientAccumulation(Callback):
+    """The optimizer steps once per window of `n_steps` training micro-batches; the gradients add up in between.
+
+    Each micro-batch's loss is divided by its window's size before backward, so for a mean-reduced loss over
+    equal-sized micro-batches the step equals the one for their concatenated batch. The Recorder keeps the true
+    (undivided) loss: it records it in `after_loss`, before this callback divides it in `before_backward`.
+
+    Windows are counted from the start of each epoch (`learn.iter`), so they need no state of their own. The last
+    window of an epoch may be shorter: it still steps at the end of the epoch, divided by its own size (so an
+    epoch's gradients never leak into the next epoch or into validation). For a loader without a length the end
+    cannot be foreseen: a final partial window is dropped (its gradients zeroed) with a warning.
+    Micro-batches that do not step raise `CancelBatch` in `after_backward`, which skips the step and `zero_grad`;
+    callbacks with a higher `order` see neither their `after_backward` nor their step events for those batches.
+    """
+    order = 10  # cancels a micro-batch before MixedPrecision (30) unscales or GradientClip (20) clips
+
+    def __init__(self, n_steps: int):
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        self.n_steps = n_steps
+
+    def before_train(self):
+        self._pending = False  # gradients accumulated that no step has used yet
+
+    def before_backward(self):
+        learn, n = self.learn, self.n_steps
+        start = learn.iter - learn.iter % n
+        size = n if learn.n_iter is None else min(n, learn.n_iter - start)
+        self._steps_now = learn.iter == start + size - 1
+        learn.loss = learn.loss / size
+
+    def after_backward(self):
+        self._pending = not self._steps_now
+        if self._pending:
+            raise CancelBatch  # keep the gradients: no step, no zero_grad
+
+    def after_train(self):
+        if self._pending:  # an unsized loader ended mid-window, or the phase was cancelled
+            if self.learn.n_iter is None:
+                warnings.warn(f"GradientAccumulation({self.n_steps}): the training data ended in the middle of a "
+                              f"window; its accumulated gradients were dropped", stacklevel=2)
+            self.learn.opt.zero_grad()
+            self._pending = False
