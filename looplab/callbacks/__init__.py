@@ -1,7 +1,9 @@
 """One module per feature. Feature modules import the core's pieces (callback, util, data, the pure modules),
 never `looplab.learner` at import time: the Learner imports the default callbacks from here."""
 from .accumulate import GradientAccumulation
+from .averaging import EMA, SWA
 from .clip import GradientClip
+from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
 from .progress import ProgressBar
 from .recorder import Recorder
@@ -12,3 +14,4 @@ __all__ = ["ProgressBar", "Recorder", "TensorBoard"]
 __all__ += ["MixedPrecision"]
 __all__ += ["ParamScheduler"]
 __all__ += ["GradientClip", "GradientAccumulation"]
+__all__ += ["MixUp", "CutMix", "SWA", "EMA"]
