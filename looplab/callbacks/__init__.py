@@ -1,6 +1,7 @@
 """One module per feature. Feature modules import the core's pieces (callback, util, data, the pure modules),
 never `looplab.learner` at import time: the Learner imports the default callbacks from here."""
 from .accumulate import GradientAccumulation
+from .activation_checkpointing import ActivationCheckpointing
 from .averaging import EMA, SWA
 from .clip import GradientClip
 from .mixup import CutMix, MixUp
@@ -15,3 +16,4 @@ __all__ += ["MixedPrecision"]
 __all__ += ["ParamScheduler"]
 __all__ += ["GradientClip", "GradientAccumulation"]
 __all__ += ["MixUp", "CutMix", "SWA", "EMA"]
+__all__ += ["ActivationCheckpointing"]

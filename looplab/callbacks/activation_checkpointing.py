@@ -1,0 +1,82 @@
+"""ActivationCheckpointing: chosen submodules recompute their activations in backward instead of storing them."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..callback import Callback
+from ..util import unwrap_model
+
+__all__ = ["ActivationCheckpointing"]
+
+
+def _checkpointed_forward(module: nn.Module) -> Callable:
+    """`module`'s forward, run through non-reentrant `checkpoint` whenever gradients are being recorded."""
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)  # validation, get_preds: nothing to recompute
+    return checkpointed
+
+
+class ActivationCheckpointing(Callback):
+    """During training, the submodules chosen by `modules` keep only their inputs in the forward pass and
+    recompute their activations in backward (`torch.utils.checkpoint`, non-reentrant): memory for time.
+
+    `modules`: a module class or tuple of classes, or a predicate `(qualified name, module) -> bool`. A module
+    inside one already chosen is not wrapped again. Gradients are identical (random ops such as dropout replay
+    the same random numbers). `.n_wrapped` is how many modules were wrapped; matching none is a ValueError.
+
+    Wrapping sets an instance `forward` on each chosen module for the fit and removes it after: the modules, the
+    model's structure and its `state_dict` keys never change, so checkpoints written mid-fit load anywhere.
+    Caveat (as with any recomputation): BatchNorm inside a wrapped module updates its running statistics twice.
+    """
+
+    def __init__(self, modules: type | tuple[type, ...] | Callable[[str, nn.Module], bool]):
+        if isinstance(modules, type):
+            modules = (modules,)
+        if isinstance(modules, (tuple, list)):
+            if not modules or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in modules):
+                raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
+                                f"got {modules!r}")
+            types = tuple(modules)
+            self._select = lambda name, module: isinstance(module, types)
+        elif callable(modules):
+            self._select = modules
+        else:
+            raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
+                            f"got {modules!r}")
+        self.modules = modules
+        self.n_wrapped = 0
+        self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own instance `forward` or None)
+
+    def before_fit(self):
+        self._unwrap()  # left over if an earlier fit ended with an exception
+        model = unwrap_model(self.learn.model)
+        chosen: list[str] = []
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") or prefix == "" for prefix in chosen):
+                continue  # inside a module that is already wrapped
+            if self._select(name, module):
+                chosen.append(name)
+                self._wrapped.append((module, module.__dict__.get("forward")))
+                module.forward = _checkpointed_forward(module)
+        if not chosen:
+            raise ValueError(f"ActivationCheckpointing(modules={self.modules!r}) matched no submodule of "
+                             f"{type(model).__name__}")
+        self.n_wrapped = len(chosen)
+
+    def _unwrap(self) -> None:
+        for module, own_forward in reversed(self._wrapped):
+            del module.forward
+            if own_forward is not None:
+                module.forward = own_forward
+        self._wrapped = []
+
+    def after_fit(self):
+        self._unwrap()
