@@ -1,0 +1,183 @@
+"""Training control from the recorded values: EarlyStopping, SaveBest, ReduceLROnPlateau; and TerminateOnNaN.
+
+The monitored value is any key of the Recorder's last history row (`train_loss`, `valid_loss`, every metric),
+read in `after_epoch` after the Recorder (order 50) has written that row. `mode="auto"` minimises names containing
+"loss" or "error" and maximises the rest. Counters and best values are in each callback's `state_dict()`, so a
+resumed run continues them; a fresh fit starts them afresh.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..callback import Callback, CancelFit
+from ..util import is_main_process
+
+__all__ = ["EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "resolve_mode"]
+
+
+def resolve_mode(monitor: str, mode: str) -> str:
+    """"min" or "max"; "auto" is "min" for names containing "loss" or "error", else "max"."""
+    if mode == "auto":
+        return "min" if ("loss" in monitor or "error" in monitor) else "max"
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    return mode
+
+
+def _check_number(name: str, value, low: float, strict: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+
+
+class _Tracker(Callback):
+    """Follows `monitor` epoch by epoch: the best value (better by more than `min_delta`) and the epochs since it.
+
+    `_sync()` reads each new history row once, whoever asks first: the callback's own `after_epoch`, or a
+    Checkpoint calling `state_dict()` earlier in the same `after_epoch`, so a checkpoint always holds counters that
+    include its epoch. A fit starts the counters afresh (Resume then loads saved ones).
+    """
+    order = 55  # after the Recorder (50) has appended this epoch's history row
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be a recorded value's name, got {monitor!r}")
+        _check_number("min_delta", min_delta, 0.0)
+        self.monitor, self.mode, self.min_delta = monitor, resolve_mode(monitor, mode), float(min_delta)
+        self.before_fit()
+
+    def before_fit(self):
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0  # epochs since the last improvement
+        self._last_epoch: int | None = None  # the epoch of the last history row read
+
+    def _sync(self) -> bool:
+        """Read the newest history row if not read yet; True if it improved on the best."""
+        history = self.learn.recorder.history if self.learn is not None else []
+        if not history or history[-1].get("epoch") == self._last_epoch:
+            return False
+        row = history[-1]
+        if self.monitor not in row:
+            raise ValueError(f"{self.name} monitors {self.monitor!r}, which is not recorded; "
+                             f"available: {sorted(row)}")
+        value, self._last_epoch = float(row[self.monitor]), row.get("epoch")
+        if self.best is None:
+            better = not math.isnan(value)
+        elif self.mode == "min":
+            better = value < self.best - self.min_delta
+        else:
+            better = value > self.best + self.min_delta
+        if better:
+            self.best, self.best_epoch, self.wait = value, self._last_epoch, 0
+        else:
+            self.wait += 1
+        return better
+
+    def state_dict(self) -> dict:
+        self._sync()
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], int(state["wait"])
+        self._last_epoch = state["last_epoch"]
+
+
+class EarlyStopping(_Tracker):
+    """Stop the fit once `monitor` has not improved (by more than `min_delta`) for `patience` epochs in a row.
+
+    Stops in `after_epoch` with order 100, after progress, logging and checkpoint callbacks have seen the epoch
+    (a checkpoint written then already counts this epoch: see `_Tracker`).
+    """
+    order = 100
+    during_lr_find = False
+
+    def __init__(self, monitor: str = "valid_loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        super().__init__(monitor, mode, min_delta)
+        self.patience = patience
+        self.stopped_epoch: int | None = None
+
+    def before_epoch(self):
+        if self.wait >= self.patience:  # resumed from the checkpoint of the epoch this run stopped after
+            raise CancelFit(f"early stopping: {self.monitor} has not improved for {self.wait} epochs")
+
+    def after_epoch(self):
+        self._sync()
+        if self.wait >= self.patience:
+            self.stopped_epoch = self.learn.epoch
+            if is_main_process():
+                print(f"EarlyStopping: no improvement in {self.monitor} for {self.wait} epochs (best {self.best:.6g} "
+                      f"at epoch {self.best_epoch}); stopped after epoch {self.learn.epoch}")
+            raise CancelFit(f"early stopping after epoch {self.learn.epoch}")
+
+
+class SaveBest(_Tracker):
+    """Save the model and optimizer (as `learn.save`: atomic, loadable with `weights_only=True`) to `path` whenever
+    `monitor` reaches a new best. Only the main process writes."""
+    during_lr_find = False
+
+    def __init__(self, path, monitor: str = "valid_loss", mode: str = "auto", min_delta: float = 0.0):
+        super().__init__(monitor, mode, min_delta)
+        self.path = path
+
+    def after_epoch(self):
+        if self._sync() and is_main_process():
+            self.learn.save(self.path)
+
+
+class ReduceLROnPlateau(_Tracker):
+    """Divide every group's lr by `factor` (not below `min_lr`) once `monitor` has not improved for `patience` epochs.
+
+    Counting as EarlyStopping does (act on the `patience`-th epoch without improvement, then count afresh), so
+    torch's `ReduceLROnPlateau(patience=p, factor=1/f, threshold_mode="abs")` is ours with `patience=p+1,
+    factor=f`. It sets the optimizer's lr: use it with a constant lr, since a schedule would overwrite it.
+    """
+    during_lr_find = False
+
+    def __init__(self, monitor: str = "valid_loss", patience: int = 2, factor: float = 10.0, min_lr: float = 0.0,
+                 mode: str = "auto", min_delta: float = 0.0):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        _check_number("factor", factor, 1.0, strict=True)
+        _check_number("min_lr", min_lr, 0.0)
+        super().__init__(monitor, mode, min_delta)
+        self.patience, self.factor, self.min_lr = patience, float(factor), float(min_lr)
+
+    def after_epoch(self):
+        self._sync()
+        if self.wait >= self.patience:
+            for group in self.learn.opt.param_groups:
+                group["lr"] = max(group["lr"] / self.factor, self.min_lr)
+            self.wait = 0
+
+
+class TerminateOnNaN(Callback):
+    """Stop the fit when a training loss is NaN or infinite, before its backward pass and step touch the weights.
+
+    Checked in `after_loss` (after MixUp-style callbacks replaced the loss, order 45), it costs one host sync per
+    training step (reading whether the loss is finite): the price of stopping before the step rather than after.
+    """
+    order = 45
+
+    def __init__(self):
+        self.stopped_at: int | None = None  # the train_iter of the non-finite loss
+
+    def after_loss(self):
+        learn = self.learn
+        if learn.training and not bool(torch.isfinite(learn.loss.detach())):
+            self.stopped_at = learn.train_iter
+            msg = (f"TerminateOnNaN: the training loss is {learn.loss.item()} at step {learn.train_iter} "
+                   f"(epoch {learn.epoch}, batch {learn.iter}); stopping before it reaches the weights")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            raise CancelFit(msg)
+
+    def state_dict(self) -> dict:
+        return {"stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopped_at = state["stopped_at"]
