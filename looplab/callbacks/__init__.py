@@ -10,10 +10,11 @@ from .progress import ProgressBar
 from .recorder import Recorder
 from .schedule import ParamScheduler
 from .tensorboard import TensorBoard
+from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 
 __all__ = ["ProgressBar", "Recorder", "TensorBoard"]
 __all__ += ["MixedPrecision"]
 __all__ += ["ParamScheduler"]
 __all__ += ["GradientClip", "GradientAccumulation"]
-__all__ += ["MixUp", "CutMix", "SWA", "EMA"]
 __all__ += ["ActivationCheckpointing"]
+__all__ += ["MixUp", "CutMix", "SWA", "EMA", "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN"]
