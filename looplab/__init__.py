@@ -7,8 +7,13 @@ from .learner import Learner
 from .callbacks.schedule import ParamScheduler
 from .lr_finder import LRFinder, LRFindResult
 from .optim import Lion
+from .averaging import average_checkpoints, average_last
+from .callbacks import (EMA, SWA, CutMix, EarlyStopping, MixUp, ReduceLROnPlateau, SaveBest,
+                        TerminateOnNaN)
 
 __version__ = "0.1.0"
 __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "CancelTrain", "CancelValidate",
            "CancelEpoch", "CancelFit", "CancelBackward", "Recorder", "ProgressBar", "TensorBoard"]
 __all__ += ["ParamScheduler", "LRFinder", "LRFindResult", "Lion"]
+__all__ += ["MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last", "EarlyStopping", "SaveBest",
+            "ReduceLROnPlateau", "TerminateOnNaN"]
