@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplab import Callback, DataLoaders, Learner
+from looplab import Callback, CancelStep, DataLoaders, Learner
 from looplab.callbacks import MixedPrecision, TensorBoard
 
 INIT_SCALE, GROWTH_INTERVAL, INF_AT = 2.0**10, 3, 5  # small scale: no natural fp16 overflow in these tiny nets
@@ -213,3 +213,26 @@ def test_a_second_fit_continues_at_the_scale_reached():
     reached = mp.scale
     learn.fit(1)
     assert learn.recorder.series("loss_scale")[0][1] == reached
+
+
+class CancelStepAt(Callback):
+    """Cancels the optimizer step of training step `at` in before_step, before MixedPrecision (30) steps."""
+    order = 25
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_step(self):
+        if self.learn.train_iter == self.at:
+            raise CancelStep
+
+
+def test_a_step_cancelled_by_another_callback_ends_the_scaler_iteration():
+    probe = WeightsPerStep()
+    learn, mp = make_learner([CancelStepAt(2), probe])
+    learn.fit(2)  # no "unscale_() has already been called" at the next step
+    assert all(torch.equal(a, b) for a, b in zip(probe.weights[1], probe.weights[2]))
+    assert mp.overflows == 0
+    # torch's scaler counts that iteration as a good one (unscale_ found no inf, update() grows the tracker)
+    _, ref_scales = reference_loop(2)
+    assert [v for _, v in learn.recorder.series("loss_scale")] == ref_scales

@@ -22,7 +22,8 @@ def _to_float32(pred):
 
 
 class MixedPrecision(Callback):
-    """Runs the model's forward under `torch.autocast(device type, dtype)` in training and validation.
+    """Runs the model's forward under `torch.autocast(device type, dtype)` in a fit's training and validation
+    (`learn.validate` / `get_preds` outside a fit run in full precision).
 
     float16 scales the loss with a `torch.amp.GradScaler` for the model's device: a step whose gradients overflow
     is skipped (weights untouched) and the scale backs off. Unlike a scaler hidden inside the loop, its scale is
