@@ -102,7 +102,8 @@ class Recorder(Callback):
         self.last_validation = {}
 
     def before_train(self):
-        self.epoch_start = len(self._losses)
+        if self.learn.iter == 0:  # an epoch resumed mid-way (at an offset) keeps the start its restored state holds
+            self.epoch_start = len(self._losses)
 
     def before_validate(self):
         self.valid_totals, self.valid_count = None, 0
