@@ -7,6 +7,8 @@ from .learner import Learner
 from .callbacks.schedule import ParamScheduler
 from .lr_finder import LRFinder, LRFindResult
 from .optim import Lion
+from .callbacks import Checkpoint, Resume
+from .repro import get_rng_state, set_rng_state, set_seed
 from .averaging import average_checkpoints, average_last
 from .callbacks import (EMA, SWA, CutMix, EarlyStopping, MixUp, ReduceLROnPlateau, SaveBest,
                         TerminateOnNaN)
@@ -17,3 +19,4 @@ __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "C
 __all__ += ["ParamScheduler", "LRFinder", "LRFindResult", "Lion"]
 __all__ += ["MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last", "EarlyStopping", "SaveBest",
             "ReduceLROnPlateau", "TerminateOnNaN"]
+__all__ += ["Checkpoint", "Resume", "set_seed", "get_rng_state", "set_rng_state"]

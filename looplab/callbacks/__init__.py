@@ -3,6 +3,7 @@ never `looplab.learner` at import time: the Learner imports the default callback
 from .accumulate import GradientAccumulation
 from .activation_checkpointing import ActivationCheckpointing
 from .averaging import EMA, SWA
+from .checkpoint import Checkpoint, Resume
 from .clip import GradientClip
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
@@ -18,3 +19,4 @@ __all__ += ["ParamScheduler"]
 __all__ += ["GradientClip", "GradientAccumulation"]
 __all__ += ["ActivationCheckpointing"]
 __all__ += ["MixUp", "CutMix", "SWA", "EMA", "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN"]
+__all__ += ["Checkpoint", "Resume"]
