@@ -108,7 +108,7 @@ class MixedPrecision(Callback):
                 self.scaler.load_state_dict(state)  # before the scaler's lazy init: it starts from this state
             self._loaded_scaler_state = None
         self._one = torch.ones((), device=learn.device)  # `scaler.scale(one)` reads the scale without a sync
-        self._unscaled = False
+        self._end_unfinished_iteration()  # an earlier fit may have stopped between unscale_ and step
 
     def before_batch(self):
         self._armed = True
@@ -143,7 +143,10 @@ class MixedPrecision(Callback):
 
     def after_batch(self):
         self._armed = False
-        if self._unscaled:  # unscaled, but a callback ordered before this one cancelled the step: end the iteration
+        self._end_unfinished_iteration()  # unscaled, but a callback ordered before this one cancelled the step
+
+    def _end_unfinished_iteration(self) -> None:
+        if self._unscaled:  # GradScaler refuses a second unscale_ until update() ends the iteration
             self.scaler.update()
             self._unscaled = False
 
