@@ -270,3 +270,31 @@ def test_average_last_of_a_checkpoint_folder(tmp_path):
         assert torch.equal(avg[k], v)
     with pytest.raises(ValueError, match="last 4 checkpoints"):
         average_last(tmp_path / "run", 4)
+
+
+def test_ema_with_mixed_precision_skips_overflowed_steps():
+    """With float16, GradScaler skips the steps whose gradients overflow: EMA counts only the steps it took."""
+    from looplab.callbacks import MixedPrecision
+
+    class WeightsAfterBatch(Callback):
+        order = 200
+
+        def __init__(self):
+            self.weights = []
+
+        def after_batch(self):
+            if self.learn.training:
+                self.weights.append(params(self.learn.model))
+
+    learn, probe = learner(mlp()), WeightsAfterBatch()
+    start, ema, mp = params(learn.model), EMA(decay=0.8), MixedPrecision(torch.float16, init_scale=2.0**24)
+    learn.fit(2, cbs=[mp, ema, probe])
+    assert 0 < mp.overflows < len(probe.weights)  # the first steps overflowed and were skipped
+    previous, taken = start, []
+    for w in probe.weights:  # a step happened iff the weights moved
+        if any(not torch.equal(a, b) for a, b in zip(w, previous)):
+            taken.append(w)
+        previous = w
+    assert len(taken) == len(probe.weights) - mp.overflows
+    for e, r in zip(ema.ema_model.parameters(), ema_recurrence(start, taken, 0.8)):
+        torch.testing.assert_close(e, r, atol=1e-6, rtol=0)

@@ -40,12 +40,13 @@ class _Mix(Callback):
 
     def __init__(self, alpha: float):
         self.alpha = _check_alpha(alpha)
+        a = torch.tensor(self.alpha, dtype=torch.float64)
+        self._beta = torch.distributions.Beta(a, a)  # built once: construction validates its arguments
         self.lam: float | None = None  # the λ of the current training batch (for inspection and tests)
 
     def _draw_lambda(self) -> float:
-        # A Beta sample is drawn through torch's gamma sampler, which uses torch's global CPU generator.
-        a = torch.tensor(self.alpha, dtype=torch.float64)
-        return float(torch.distributions.Beta(a, a).sample())
+        # Beta samples come from torch's gamma sampler, which draws from torch's global CPU generator.
+        return float(self._beta.sample())
 
     def _mix(self, x: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
