@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from ..averaging import update_bn
 from ..callback import Callback
 from ..optim import lrs_for_groups
+from ..schedules import sched_cos
 from ..util import unwrap_model
 
 __all__ = ["SWA", "EMA"]
@@ -19,12 +19,6 @@ __all__ = ["SWA", "EMA"]
 def _float_params(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     named = [(n, p) for n, p in model.named_parameters() if torch.is_floating_point(p)]
     return [n for n, _ in named], [p.detach() for _, p in named]
-
-
-def swa_anneal(start_lr: float, swa_lr: float, progress: float) -> float:
-    """Cosine from `start_lr` (progress 0) to `swa_lr` (progress ≥ 1)."""
-    t = min(max(progress, 0.0), 1.0)
-    return swa_lr + (start_lr - swa_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
 class SWA(Callback):
@@ -80,7 +74,7 @@ class SWA(Callback):
             within = (learn.iter / learn.n_iter) if learn.n_iter else 0.0
             progress = (learn.epoch - self.start_epoch + within) / self.anneal_epochs
         for group, start, end in zip(groups, self._start_lrs, self._swa_lrs):
-            group["lr"] = swa_anneal(start, end, progress)
+            group["lr"] = sched_cos(start, end, min(progress, 1.0))
 
     @torch.no_grad()
     def after_train(self):
