@@ -16,6 +16,12 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
+def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The `norm_type`-norm of all gradients together (as `clip_grad_norm_` computes it), on the device."""
+    norms = torch._foreach_norm(grads, norm_type)
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+
 class GradientClip(Callback):
     """Scales the gradients down so their total `norm_type`-norm is at most `max_norm` (as `clip_grad_norm_`),
     or, with `clip_value`, clamps every gradient element to [-clip_value, clip_value] instead.
@@ -39,12 +45,13 @@ class GradientClip(Callback):
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return
-        total = torch.nn.utils.get_total_norm(grads, self.norm_type)
+        total = total_norm(grads, self.norm_type)
         self.learn.recorder.log("grad_norm", total)
         finite = torch.isfinite(total)
         if self.clip_value is None:
-            # A norm of 0 makes the clip coefficient 1: non-finite gradients are multiplied by exactly 1.
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.max_norm, torch.where(finite, total, 0.0))
+            # clip_grad_norm_'s coefficient, forced to exactly 1 when the norm is not finite (a skipped step)
+            coef = torch.where(finite, (self.max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
+            torch._foreach_mul_(grads, coef)
         else:
             bound = torch.where(finite, self.clip_value, math.inf)
             for g in grads:
