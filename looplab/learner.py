@@ -18,6 +18,7 @@ from .callbacks.recorder import Recorder
 from .data import DataLoaders
 from .io import atomic_save, safe_load
 from .optim import param_groups, set_group_lrs
+from .shortcuts import FeatureMethods
 from .util import to_device, unwrap_model
 
 __all__ = ["Learner"]
@@ -35,7 +36,7 @@ _LEVELS = {level: (f"before_{level}", f"after_cancel_{level}", f"after_{level}",
            for level, exc in LEVEL_EVENTS.items()}
 
 
-class Learner:
+class Learner(FeatureMethods):
     """Trains `model` on `data` with `loss_func`, running callbacks at every event of the loop.
 
     Loop state (the one place it is documented). Callbacks may read all of it and change what is marked ✎:
@@ -255,41 +256,6 @@ class Learner:
                 self.opt.load_state_dict(state["opt"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint {str(path)!r} does not match this model/optimizer: {e}") from e
-
-    # ---- features, as explicit entry points into their modules ----------------------------------------------
-    def fit_one_cycle(self, n_epochs: int, *args, **kwargs) -> None:
-        """One-cycle policy (see `looplab.callbacks.schedule.fit_one_cycle`)."""
-        from .callbacks.schedule import fit_one_cycle
-        fit_one_cycle(self, n_epochs, *args, **kwargs)
-
-    def fit_warmup_cos(self, n_epochs: int, *args, **kwargs) -> None:
-        """Linear warmup then cosine decay (see `looplab.callbacks.schedule.fit_warmup_cos`)."""
-        from .callbacks.schedule import fit_warmup_cos
-        fit_warmup_cos(self, n_epochs, *args, **kwargs)
-
-    def fit_flat_cos(self, n_epochs: int, *args, **kwargs) -> None:
-        """Flat lr then cosine annealing (see `looplab.callbacks.schedule.fit_flat_cos`)."""
-        from .callbacks.schedule import fit_flat_cos
-        fit_flat_cos(self, n_epochs, *args, **kwargs)
-
-    def fit_sgdr(self, n_cycles: int, *args, **kwargs) -> None:
-        """Cosine annealing with warm restarts (see `looplab.callbacks.schedule.fit_sgdr`)."""
-        from .callbacks.schedule import fit_sgdr
-        fit_sgdr(self, n_cycles, *args, **kwargs)
-
-    def lr_find(self, *args, **kwargs):
-        """LR range test that leaves everything as it found it (see `looplab.lr_finder.lr_find`)."""
-        from .lr_finder import lr_find
-        return lr_find(self, *args, **kwargs)
-
-    def freeze_to(self, n: int) -> None:
-        """Train only parameter groups `n` onwards (see `looplab.optim.freeze_to`)."""
-        from .optim import freeze_to
-        freeze_to(self, n)
-
-    def unfreeze(self) -> None:
-        """Train every parameter group."""
-        self.freeze_to(0)
 
 
 class _GatherPreds(Callback):
