@@ -117,7 +117,8 @@ def main(argv=None):
     learn = Learner(model, dls, nn.CrossEntropyLoss(), lr=1e-2, cbs=cbs, progress=False)
     learn.fit_one_cycle(N_EPOCHS, 3e-2, resume_from=a.ckpt if a.resume else None)
     torch.save({"model": model.state_dict(), "losses": torch.tensor(learn.recorder.losses, dtype=torch.float64),
-                "history": learn.recorder.history, "train_iter": learn.train_iter}, a.out)
+                "history": learn.recorder.history, "train_iter": learn.train_iter},
+               a.out + (f".rank{os.environ['RANK']}" if "RANK" in os.environ else ""))  # under torchrun: one per rank
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from looplab import Callback, CancelFit, DataLoaders, Learner
-from looplab.callbacks.accumulate import GradientAccumulation
+from looplab.callbacks import (EMA, SWA, EarlyStopping, GradientAccumulation, GradientClip, MixedPrecision, MixUp,
+                               ReduceLROnPlateau, TerminateOnNaN)
 from looplab.callbacks.checkpoint import FORMAT, Checkpoint, checkpoint_files
 
 SCRIPT = Path(__file__).with_name("resume_script.py")
@@ -233,6 +234,37 @@ def test_a_checkpoint_in_the_middle_of_gradient_accumulation_resumes_exactly(tmp
     assert state["grads"]  # the half-accumulated gradients were saved
     resumed = make_learner([GradientAccumulation(2)], seed=1)
     resumed.fit(2, resume_from=tmp_path)
+    assert_equal_weights(weights(resumed), weights(reference))
+
+
+def every_stateful_callback():
+    return [EMA(0.9), SWA(start_epoch=2, swa_lr=1e-3), EarlyStopping(patience=5), TerminateOnNaN(),
+            GradientAccumulation(2), GradientClip(0.3), MixUp(0.4),
+            MixedPrecision(torch.float16, init_scale=2.0**20, growth_interval=2)]  # the scale grows and backs off
+
+
+@pytest.mark.filterwarnings("ignore:SWA. the fit ended")  # the interrupted fit
+@pytest.mark.parametrize("stop", [7, 12])  # mid-window in epoch 1; the first step of epoch 2 (SWA's start)
+def test_every_stateful_callback_resumes_exactly(tmp_path, stop):
+    reference = make_learner(every_stateful_callback())
+    reference.fit_one_cycle(4, 1e-2)
+    make_learner([*every_stateful_callback(), Checkpoint(tmp_path, every_n_steps=3), StopAt(stop)]).fit_one_cycle(4, 1e-2)
+    resumed = make_learner(every_stateful_callback(), seed=1)
+    resumed.fit_one_cycle(4, 1e-2, resume_from=tmp_path)
+    assert_equal_weights(weights(resumed), weights(reference))  # SWA's average, after_fit
+    assert_equal_weights(resumed.cbs[1].ema_model.state_dict(), reference.cbs[1].ema_model.state_dict())
+    assert resumed.recorder.losses == reference.recorder.losses
+    assert [r["valid_loss"] for r in resumed.recorder.history] == [r["valid_loss"] for r in reference.recorder.history]
+
+
+def test_a_plateau_lr_reduction_resumes_exactly(tmp_path):
+    cbs = lambda: [ReduceLROnPlateau(patience=1, factor=2.0, monitor="train_loss", mode="max")]  # reduces often
+    reference = make_learner(cbs())
+    reference.fit(4, 1e-2)
+    make_learner([*cbs(), Checkpoint(tmp_path), StopAt(13)]).fit(4, 1e-2)
+    resumed = make_learner(cbs(), seed=1)
+    resumed.fit(4, 1e-2, resume_from=tmp_path)
+    assert resumed.opt.param_groups[0]["lr"] == reference.opt.param_groups[0]["lr"] < 1e-2
     assert_equal_weights(weights(resumed), weights(reference))
 
 
