@@ -275,6 +275,17 @@ def test_signal_handlers_are_restored_after_fit_and_after_a_cancel(tmp_path):
     make_learner([Checkpoint(tmp_path / "b"), StopAt(2)]).fit(1)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
+    class Boom(Callback):
+        def after_batch(self):
+            raise RuntimeError("boom")
+
+    ckpt = Checkpoint(tmp_path / "c")
+    learn = make_learner([ckpt])
+    with pytest.raises(RuntimeError):
+        learn.fit(1, cbs=[Boom()])  # after_fit never runs: the handlers stay until the next fit
+    learn.fit(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
 
 def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, capsys):
     class Interrupt(Callback):

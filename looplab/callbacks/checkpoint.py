@@ -107,9 +107,11 @@ class Checkpoint(Callback):
 
     Keeps the newest `keep_last` files it wrote (None: all); older ones are deleted only once the new one is
     complete. SIGTERM or SIGINT during fit (preemption, a notebook interrupt) finishes the current step, writes a
-    checkpoint and stops the fit cleanly; `stopped_by` then names the signal. In a distributed run only rank 0
-    writes, every rank's RNG states are saved, and the ranks agree to stop at the next scheduled checkpoint.
-    Resume with `learn.fit(..., resume_from=dir)`.
+    checkpoint and stops the fit cleanly; `stopped_by` then names the signal (a second signal acts at once).
+    In a distributed run only rank 0 writes; every rank's RNG states are saved (callbacks' states are rank 0's: they
+    agree across ranks, except the per-step training losses each rank's Recorder keeps), and the ranks agree to stop
+    at the next scheduled checkpoint (`every_n_steps` or the epoch's end), so there is no extra sync per step.
+    Resume with `learn.fit(..., resume_from=dir)`; use one folder per fit.
     """
     # After everything that updates state in after_batch / after_epoch (the Recorder 50, trackers 55, SWA 90), so a
     # checkpoint holds the finished step or epoch; before EarlyStopping (100), which stops in after_epoch.
@@ -148,9 +150,10 @@ class Checkpoint(Callback):
             return False
         flag = torch.tensor([int(self._signal is not None)], device=self.learn.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self._signal is None:
+        stop = bool(flag.item())
+        if stop and self._signal is None:
             self._signal = signal.SIGTERM  # another rank was signalled
-        return bool(flag.item())
+        return stop
 
     # ---- events ------------------------------------------------------------------------------------------------
     def before_fit(self):
@@ -172,6 +175,7 @@ class Checkpoint(Callback):
                 warnings.warn(f"{str(self.dir)!r} already holds {len(existing)} checkpoint(s) of another run "
                               f"(newest {existing[-1].name}); they are left alone, but resume_from this folder "
                               f"picks the newest by step count: use a fresh folder per run")
+        self._restore_handlers()  # left installed by a fit that raised (its after_fit never ran)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
