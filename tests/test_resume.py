@@ -248,7 +248,8 @@ def every_stateful_callback():
 def test_every_stateful_callback_resumes_exactly(tmp_path, stop):
     reference = make_learner(every_stateful_callback())
     reference.fit_one_cycle(4, 1e-2)
-    make_learner([*every_stateful_callback(), Checkpoint(tmp_path, every_n_steps=3), StopAt(stop)]).fit_one_cycle(4, 1e-2)
+    interrupted = make_learner([*every_stateful_callback(), Checkpoint(tmp_path, every_n_steps=3), StopAt(stop)])
+    interrupted.fit_one_cycle(4, 1e-2)
     resumed = make_learner(every_stateful_callback(), seed=1)
     resumed.fit_one_cycle(4, 1e-2, resume_from=tmp_path)
     assert_equal_weights(weights(resumed), weights(reference))  # SWA's average, after_fit

@@ -6,7 +6,7 @@ gradients when a step is mid-accumulation, the loop counters and the data loader
 `looplab.data` start an epoch at any batch, so resuming jumps straight to the next batch without replaying the
 ones before it, and the rest of the run is bit-identical to a run that was never interrupted.
 
-Files are `ckpt-{steps:08d}.pt` (mid-epoch, after `steps` optimizer steps) and `ckpt-{steps:08d}-epoch-{e}.pt`
+Files are `ckpt-{steps:08d}.pt` (mid-epoch, after `steps` training batches) and `ckpt-{steps:08d}-epoch-{e}.pt`
 (after epoch e); the newest is the one with the most steps, an epoch's end after its last step. Everything in them
 is plain data: they load with `torch.load(weights_only=True)`, and loading never runs code.
 """
@@ -103,7 +103,7 @@ def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
 
 
 class Checkpoint(Callback):
-    """Save the complete training state to `dir` every `every_n_steps` optimizer steps and/or after every epoch.
+    """Save the complete training state to `dir` every `every_n_steps` training batches and/or after every epoch.
 
     Keeps the newest `keep_last` files it wrote (None: all); older ones are deleted only once the new one is
     complete. SIGTERM or SIGINT during fit (preemption, a notebook interrupt) finishes the current step, writes a
@@ -123,7 +123,8 @@ class Checkpoint(Callback):
         for name, v in (("every_n_steps", every_n_steps), ("keep_last", keep_last)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        self.dir, self.every_n_steps, self.every_epoch, self.keep_last = Path(dir), every_n_steps, every_epoch, keep_last
+        self.dir, self.every_n_steps, self.every_epoch = Path(dir), every_n_steps, every_epoch
+        self.keep_last = keep_last
         self.last_path: Path | None = None
         self.stopped_by: str | None = None
         self._signal: int | None = None
@@ -143,7 +144,7 @@ class Checkpoint(Callback):
         self._previous_handlers = {}
 
     def _stop_requested(self, scheduled: bool) -> bool:
-        """Was a stop signal received? Distributed: all ranks agree, at scheduled checkpoints only (no sync per step)."""
+        """Was a stop signal received? Distributed: the ranks agree, at scheduled checkpoints only (no sync per step)."""
         if not self._distributed:
             return self._signal is not None
         if not scheduled:
