@@ -144,7 +144,7 @@ class Checkpoint(Callback):
         self._previous_handlers = {}
 
     def _stop_requested(self, scheduled: bool) -> bool:
-        """Was a stop signal received? Distributed: the ranks agree, at scheduled checkpoints only (no per-step sync)."""
+        """Did a stop signal come? Distributed: the ranks agree, at scheduled checkpoints only (no per-step sync)."""
         if not self._distributed:
             return self._signal is not None
         if not scheduled:
