@@ -1,0 +1,152 @@
+"""DistributedDataParallel: data-parallel training under `torchrun`, on torch's own DDP engine.
+
+The Learner adds this callback by itself when the environment says `WORLD_SIZE > 1` (torchrun sets it), so one
+script runs alone or under `torchrun --nproc_per_node=N` unchanged. `bs` is per process: rank r takes its
+contiguous share of every global batch of `bs * world_size` samples (see `looplab.data.epoch_batches`), so the
+ranks' batches k together are the one-process batch k, and DDP's gradient average is the gradient of that
+global batch's mean loss.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as TorchDDP
+
+from ..callback import Callback
+from ..util import unwrap_model
+
+__all__ = ["DistributedDataParallel"]
+
+
+class DistributedDataParallel(Callback):
+    """Joins (or creates) the process group, wraps `learn.model` in torch's DDP and shards the loaders for a fit.
+
+    - Process group: one the user initialised is kept; otherwise the first fit creates it from torchrun's
+      environment (nccl when CUDA is available, else gloo). That one stays up for later fits (and for
+      `is_main_process()` after a fit) and is destroyed when the process exits: torch cannot reliably create the
+      default group again in the same process (pytorch/pytorch#55967, #119196 — the second init may hang on the
+      first one's store keys). With nccl each process trains on `cuda:LOCAL_RANK` and the model is moved there.
+    - `learn.model` is the DDP wrapper during the fit and the user's module again after it (`learn.save` and
+      `Checkpoint` unwrap it). If the fit raises, `after_fit` does not run: the model stays wrapped (the job is
+      going down anyway; `looplab.util.unwrap_model` gives the module) and the next fit wraps it afresh.
+    - Data: the loaders must be looplab's (`DataLoaders.from_tensors` / `from_datasets`). Training gives every rank
+      the same number of batches (a last global batch with fewer samples than ranks is dropped); validation uses
+      every sample once, and `valid_loss` and the metrics are summed across ranks before the Recorder averages
+      them, so they are the full-dataset values on every rank (EarlyStopping & co. decide alike everywhere).
+    - An uneven last training batch (e.g. 33 samples on 2 ranks) weights each rank's loss by its share of the
+      batch, so the step still follows the global batch's mean loss. This assumes `loss_func` averages over the
+      batch, as torch's losses do by default.
+    - The per-step training losses each rank records are its own share's; only validation values are global.
+    - BatchNorm statistics stay per-process (DDP broadcasts rank 0's buffers); convert the model with
+      `torch.nn.SyncBatchNorm.convert_sync_batchnorm` first for global batch statistics.
+
+    `ddp_kwargs` go to `torch.nn.parallel.DistributedDataParallel` (e.g. `find_unused_parameters=True`). To pass
+    them, give this callback to the Learner's `cbs`: when several are present, the first one in `learn.cbs` works
+    and the others (such as the one the Learner adds) stay idle.
+    """
+    order = -100  # before_fit: the group must exist before ProgressBar / TensorBoard ask is_main_process();
+    #               after_validate: the sums must be reduced before the Recorder (50) turns them into means
+
+    def __init__(self, **ddp_kwargs):
+        self.ddp_kwargs = ddp_kwargs
+        self.active, self.tail_iter = False, None
+
+    # ---- fit ---------------------------------------------------------------------------------------------------
+    def before_fit(self):
+        learn = self.learn
+        if self.active:  # the last fit raised, so its after_fit never ran: undo it first
+            self.after_fit()
+        self.active = next(cb for cb in learn.cbs if isinstance(cb, DistributedDataParallel)) is self
+        if not self.active:
+            return
+        loaders = [dl for dl in (learn.dls.train, learn.dls.valid) if dl is not None]
+        for dl in loaders:
+            if not hasattr(dl, "set_distributed"):
+                raise TypeError(f"distributed training needs looplab's loaders (DataLoaders.from_tensors or "
+                                f"from_datasets), which give each process its share of every batch; got "
+                                f"{type(dl).__name__}")
+        if not dist.is_initialized():
+            if "WORLD_SIZE" not in os.environ:
+                raise RuntimeError("DistributedDataParallel needs a process group: launch with torchrun, or call "
+                                   "torch.distributed.init_process_group() before fit")
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            _init_group(backend)
+            atexit.register(_destroy_group)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        model = unwrap_model(learn.model)
+        device_ids = None
+        if dist.get_backend() == "nccl":  # one process per GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            model.to(device)  # in place: the optimizer keeps the same parameters
+            device_ids = [device.index]
+        self.sharding = [(dl, (dl.rank, dl.world_size, dl.even)) for dl in loaders]
+        learn.dls.train.set_distributed(rank, world_size, even=True)
+        if learn.dls.valid is not None:
+            learn.dls.valid.set_distributed(rank, world_size, even=False)
+        self._plan_tail(learn.dls.train, rank, world_size)
+        learn.model = TorchDDP(model, device_ids=device_ids, **self.ddp_kwargs)  # broadcasts rank 0's weights
+
+    def _plan_tail(self, dl, rank: int, world_size: int) -> None:
+        """Find the last training batch, and this rank's loss weight there if its share is not 1/world_size."""
+        last = len(dl) - 1
+        global_bs = dl.bs * world_size
+        size = min(global_bs, dl.n - last * global_bs)
+        share = (rank + 1) * size // world_size - rank * size // world_size
+        self.tail_iter = last if share * world_size != size else None
+        self.tail_weight = share * world_size / size
+
+    def before_backward(self):
+        if self.tail_iter is not None and self.learn.iter == self.tail_iter:
+            self.learn.loss = self.learn.loss * self.tail_weight
+
+    def after_validate(self):
+        learn = self.learn
+        if not self.active or getattr(learn.dl, "world_size", 1) == 1:  # not a sharded loader
+            return
+        rec = learn.recorder
+        totals = rec.valid_totals
+        if totals is None:  # this rank had no batch; the others may have had some
+            totals = torch.zeros(1 + len(learn.metrics), device=learn.device)
+        both = torch.cat([totals.double(), totals.new_tensor([rec.valid_count], dtype=torch.float64)])
+        dist.all_reduce(both)
+        count = int(both[-1].item())
+        rec.valid_totals, rec.valid_count = (both[:-1].to(totals.dtype), count) if count else (None, 0)
+
+    def after_fit(self):
+        """Give the user's module back and unshard the loaders (the process group stays up: see the class doc)."""
+        if not self.active:
+            return
+        learn = self.learn
+        learn.model = unwrap_model(learn.model)
+        for dl, (rank, world_size, even) in self.sharding:
+            dl.set_distributed(rank, world_size, even)
+        self.active, self.tail_iter = False, None
+
+
+def _init_group(backend: str) -> None:
+    """`init_process_group` from torchrun's environment, with the store's keys kept apart per restart attempt.
+
+    After an elastic restart torchrun hands the new workers the same agent store, which still holds the dead
+    attempt's rendezvous keys; gloo / nccl may read a dead worker's address from them and fail or hang
+    (pytorch/pytorch#167288). So under torchrun's agent store every attempt gets its own key prefix.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"looplab/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size)
+
+
+def _destroy_group() -> None:
+    """At exit: tear down the process group `DistributedDataParallel` created (unless someone already did)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,97 @@
+"""Run by tests/test_distributed.py under torchrun (also imported there for the data and the model).
+
+`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_script.py MODE OUT`; every rank works
+in OUT/rank{r} (so any file a rank writes lands there) and writes its results to OUT/{name}_rank{r}.pt.
+MODE: `train` (data-parallel run with TensorBoard, then a checkpointed run with dropout), `elastic` (the
+checkpointed run, with rank 1 dying at step 5 of the first attempt; restarts resume), `raise` (rank 1 raises).
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplab import Callback, DataLoaders, Learner, TensorBoard
+
+N_TRAIN, N_VALID, N_IN, N_OUT = 161, 75, 8, 3  # 161 = 64 + 64 + 33: an uneven last batch on 2 ranks
+KILL_STEP = 5
+
+
+def make_data(bs: int) -> DataLoaders:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_VALID, N_IN, generator=g)
+    y = (x[:, :N_OUT] + 0.5 * torch.randn(len(x), N_OUT, generator=g)).argmax(1)
+    return DataLoaders.from_tensors(x[:N_TRAIN], y[:N_TRAIN], valid=(x[N_TRAIN:], y[N_TRAIN:]), bs=bs, seed=0)
+
+
+def make_model(p_drop: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(N_IN, 16), nn.Tanh(), nn.Dropout(p_drop), nn.Linear(16, N_OUT))
+
+
+def accuracy(pred, y):
+    return (pred.argmax(1) == y).float().mean()
+
+
+class _Die(Callback):
+    """Kills this process at training step `step` (the first attempt only), as a crashed worker would."""
+    def __init__(self, step: int):
+        self.step = step
+
+    def before_batch(self):
+        if self.learn.training and self.learn.train_iter == self.step:
+            os._exit(3)
+
+
+class _Raise(Callback):
+    def before_batch(self):
+        if self.learn.training and self.learn.train_iter == 1:
+            raise ValueError("boom from rank 1")
+
+
+def checkpointed_run(out: Path, rank: int, extra_cbs=()) -> tuple[Learner, str | None]:
+    """3 epochs with dropout (so every rank's RNG matters), checkpointing every 2 steps (rank 0 writes)."""
+    from looplab.callbacks.checkpoint import Checkpoint
+    torch.manual_seed(200 + rank)
+    learn = Learner(make_model(0.3), make_data(32), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2,
+                    progress=False, cbs=[Checkpoint("ckpt", every_n_steps=2), *extra_cbs])
+    ckpt_dir = out / "rank0" / "ckpt"  # every rank restores rank 0's checkpoints
+    newest = max(ckpt_dir.glob("ckpt-*.pt"), default=None) if ckpt_dir.is_dir() else None
+    learn.fit(3, resume_from=ckpt_dir if newest else None)
+    return learn, newest and newest.name
+
+
+def main(mode: str, out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    workdir = out / f"rank{rank}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    if mode == "train":
+        torch.manual_seed(100 + rank)  # different inits: DDP must broadcast rank 0's
+        learn = Learner(make_model(), make_data(32), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1,
+                        metrics=[accuracy], progress=False, cbs=[TensorBoard("runs")])
+        learn.fit(1)
+        learn.fit(1)  # a second fit: the group is created again, the model wrapped again
+        torch.save({"weights": learn.model.state_dict(), "valid": learn.recorder.last_validation,
+                    "model_type": type(learn.model).__name__,
+                    "group_after_fit": torch.distributed.is_initialized(),
+                    "loader_world_sizes": [learn.dls.train.world_size, learn.dls.valid.world_size],
+                    "valid_after_fit": learn.validate()}, out / f"equiv_rank{rank}.pt")
+        learn, _ = checkpointed_run(out, rank)
+        torch.save({"weights": learn.model.state_dict()}, out / f"ckpt_run_rank{rank}.pt")
+    elif mode == "elastic":
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        learn, resumed_from = checkpointed_run(out, rank, [_Die(KILL_STEP)] if attempt == 0 and rank == 1 else [])
+        torch.save({"weights": learn.model.state_dict(), "attempt": attempt, "resumed_from": resumed_from},
+                   out / f"elastic_rank{rank}.pt")
+    elif mode == "raise":
+        learn = Learner(make_model(), make_data(32), F.cross_entropy, progress=False,
+                        cbs=[_Raise()] if rank == 1 else [])
+        learn.fit(2)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

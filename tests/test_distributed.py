@@ -1,0 +1,157 @@
+"""Data-parallel training under torchrun: real processes, CPU, gloo (the runs are in tests/ddp_script.py).
+
+Three launches: `train` (the equivalence run and a checkpointed run), `elastic` (a worker dies, torchrun restarts
+the job, it resumes) and `raise` (a rank raises). Each starts torch in three processes, so they are shared by the
+tests through module fixtures.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from looplab import Learner
+from looplab.callbacks.distributed import DistributedDataParallel
+from looplab.data import DataLoaders, epoch_batches
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_script import KILL_STEP, accuracy, make_data, make_model  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+REPO = Path(__file__).parent.parent
+
+
+def torchrun(mode: str, out: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
+           str(SCRIPT), mode, str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def check(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_train")
+    check(torchrun("train", out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_elastic")
+    run = torchrun("elastic", out, "--max-restarts=1")
+    check(run)
+    return out, run
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+# ---- 2 processes x bs 32 == 1 process x bs 64 ----------------------------------------------------------------
+def test_two_processes_give_the_weights_of_one_process_with_twice_the_batch(trained):
+    torch.manual_seed(100)  # rank 0's seed: DDP broadcasts rank 0's initial weights
+    ref = Learner(make_model(), make_data(64), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1, progress=False)
+    ref.fit(2)  # 161 samples: batches 64, 64 and an uneven 33 (16 + 17 on two ranks)
+    for rank in (0, 1):
+        got = load(trained / f"equiv_rank{rank}.pt")["weights"]
+        for name, w in ref.model.state_dict().items():
+            torch.testing.assert_close(got[name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
+
+
+def test_valid_loss_and_metrics_are_the_full_dataset_values_on_every_rank(trained):
+    weights = load(trained / "equiv_rank0.pt")["weights"]
+    model = make_model()
+    model.load_state_dict(weights)
+    valid = make_data(64).valid  # 75 samples: each rank validated its share (32 + 5 and 32 + 6)
+    x, y = valid.xs[0], valid.y
+    with torch.no_grad():
+        pred = model(x)
+    expected = {"valid_loss": F.cross_entropy(pred, y).item(), "accuracy": accuracy(pred, y).item()}
+    for rank in (0, 1):
+        result = load(trained / f"equiv_rank{rank}.pt")
+        for key, value in expected.items():
+            assert result["valid"][key] == pytest.approx(value, abs=1e-6), (rank, key)
+            # after the fit the loaders are whole again: validate() sees every sample on each rank
+            assert result["valid_after_fit"][key] == pytest.approx(value, abs=1e-6), (rank, key)
+
+
+def test_after_fit_the_model_is_the_users_module_and_the_loaders_are_unsharded(trained):
+    for rank in (0, 1):
+        result = load(trained / f"equiv_rank{rank}.pt")
+        assert result["model_type"] == "Sequential"
+        assert result["loader_world_sizes"] == [1, 1]
+        assert result["group_after_fit"]  # kept for the next fit; destroyed at exit
+
+
+def test_only_rank_0_writes_files(trained):
+    rank1 = [p for p in (trained / "rank1").rglob("*") if p.is_file()]
+    assert rank1 == []  # TensorBoard("runs") and Checkpoint("ckpt") were given the same relative paths
+    assert list((trained / "rank0" / "runs").glob("events.out.tfevents.*"))
+    assert list((trained / "rank0" / "ckpt").glob("ckpt-*.pt"))
+
+
+def test_checkpoints_hold_every_ranks_rng_state(trained):
+    newest = max((trained / "rank0" / "ckpt").glob("ckpt-*.pt"))
+    rng = load(newest)["rng"]
+    assert len(rng) == 2  # the ranks were seeded differently, so their states differ
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+# ---- elastic restart -------------------------------------------------------------------------------------------
+def test_killed_worker_is_restarted_and_resumes_bit_identical(trained, elastic):
+    out, run = elastic
+    assert "exitcode  : 3" in run.stdout + run.stderr or "exitcode: 3" in run.stdout + run.stderr
+    for rank in (0, 1):
+        result = load(out / f"elastic_rank{rank}.pt")
+        assert result["attempt"] == 1  # the run that finished is torchrun's restart
+        assert result["resumed_from"] == f"ckpt-{KILL_STEP - 1:08d}.pt"  # the newest before the kill
+        uninterrupted = load(trained / f"ckpt_run_rank{rank}.pt")["weights"]
+        for name, w in uninterrupted.items():
+            assert torch.equal(result["weights"][name], w), (rank, name)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+def test_a_rank_that_raises_takes_the_job_down_with_its_traceback(tmp_path):
+    t0 = time.perf_counter()
+    run = torchrun("raise", tmp_path, timeout=90)
+    assert run.returncode != 0
+    assert "ValueError: boom from rank 1" in run.stdout + run.stderr
+    assert time.perf_counter() - t0 < 90
+
+
+def test_plain_iterables_are_refused_with_a_clear_error():
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+    learn = Learner(torch.nn.Linear(2, 1), ([(x, y)], None), F.mse_loss, progress=False,
+                    cbs=[DistributedDataParallel()])
+    with pytest.raises(TypeError, match="from_tensors"):
+        learn.fit(1)
+
+
+def test_fewer_samples_than_ranks_is_a_clear_error():
+    dls = DataLoaders.from_tensors(torch.randn(3, 2), torch.randn(3), valid_pct=0.5)
+    with pytest.raises(ValueError, match="cannot be shared by 4 processes"):
+        dls.train.set_distributed(0, 4)
+
+
+@pytest.mark.parametrize("n", [129, 130, 131, 161])
+def test_ranks_batches_k_together_are_the_one_process_batch_k(n):
+    """Training: every rank the same number of non-empty batches (a tail smaller than the world is dropped).
+    Validation: every sample exactly once."""
+    world, bs = 3, 16
+    one = epoch_batches(n, bs * world, seed=0, epoch=1, shuffle=True, drop_last=False)
+    train = [epoch_batches(n, bs, 0, 1, True, False, rank, world, even=True) for rank in range(world)]
+    assert len({len(b) for b in train}) == 1 and all(len(idx) for b in train for idx in b)
+    for k in range(len(train[0])):
+        assert torch.equal(torch.cat([b[k] for b in train]), one[k])
+    assert len(train[0]) == len(one) - (0 < n % (bs * world) < world)
+    valid = [epoch_batches(n, bs, 0, 1, False, False, rank, world, even=False) for rank in range(world)]
+    assert sorted(torch.cat([idx for b in valid for idx in b]).tolist()) == list(range(n))
