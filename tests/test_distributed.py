@@ -25,11 +25,10 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = Path(__file__).parent.parent
 
 
-def torchrun(mode: str, out: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, flags: tuple = (), timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
-           str(SCRIPT), mode, str(out)]
+           str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
@@ -40,14 +39,14 @@ def check(run: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_train")
-    check(torchrun("train", out))
+    check(torchrun(SCRIPT, "train", str(out), flags=("--tee=3", f"--log-dir={out / 'logs'}")))  # each rank's output in its own file
     return out
 
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_elastic")
-    run = torchrun("elastic", out, "--max-restarts=1")
+    run = torchrun(SCRIPT, "elastic", str(out), flags=("--max-restarts=1",))
     check(run)
     return out, run
 
@@ -92,11 +91,14 @@ def test_after_fit_the_model_is_the_users_module_and_the_loaders_are_unsharded(t
         assert result["group_after_fit"]  # kept for the next fit; destroyed at exit
 
 
-def test_only_rank_0_writes_files(trained):
+def test_only_rank_0_writes_files_and_shows_progress(trained):
     rank1 = [p for p in (trained / "rank1").rglob("*") if p.is_file()]
-    assert rank1 == []  # TensorBoard("runs") and Checkpoint("ckpt") were given the same relative paths
+    assert rank1 == []  # TensorBoard, SaveBest and Checkpoint were given the same relative paths on both ranks
     assert list((trained / "rank0" / "runs").glob("events.out.tfevents.*"))
+    assert (trained / "rank0" / "best.pt").is_file()
     assert list((trained / "rank0" / "ckpt").glob("ckpt-*.pt"))
+    logs = {rank: next((trained / "logs").rglob(f"attempt_0/{rank}/stderr.log")).read_text() for rank in (0, 1)}
+    assert "epoch 0 train" in logs[0] and "epoch 0 train" not in logs[1]
 
 
 def test_checkpoints_hold_every_ranks_rng_state(trained):
@@ -122,7 +124,7 @@ def test_killed_worker_is_restarted_and_resumes_bit_identical(trained, elastic):
 # ---- errors ----------------------------------------------------------------------------------------------------
 def test_a_rank_that_raises_takes_the_job_down_with_its_traceback(tmp_path):
     t0 = time.perf_counter()
-    run = torchrun("raise", tmp_path, timeout=90)
+    run = torchrun(SCRIPT, "raise", str(tmp_path), timeout=90)
     assert run.returncode != 0
     assert "ValueError: boom from rank 1" in run.stdout + run.stderr
     assert time.perf_counter() - t0 < 90
@@ -155,3 +157,10 @@ def test_ranks_batches_k_together_are_the_one_process_batch_k(n):
     assert len(train[0]) == len(one) - (0 < n % (bs * world) < world)
     valid = [epoch_batches(n, bs, 0, 1, False, False, rank, world, even=False) for rank in range(world)]
     assert sorted(torch.cat([idx for b in valid for idx in b]).tolist()) == list(range(n))
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    run = torchrun(REPO / "examples" / "ddp.py", "--epochs=1", f"--out={tmp_path}")
+    check(run)
+    assert "2 process(es) x bs 64: valid_loss" in run.stdout
+    assert (tmp_path / "final.pt").is_file()
