@@ -29,11 +29,10 @@ ROOT = Path(__file__).parent.parent
 
 def start(tmp_path, *args):
     """Start the script with output to files (not pipes: dying data workers must not hold up the test)."""
-    out = open(tmp_path / "stdout.txt", "w")
-    err = open(tmp_path / "stderr.txt", "w")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=out, stderr=err, env=env,
-                            cwd=tmp_path)
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=out, stderr=err, env=env,
+                                cwd=tmp_path)
 
 
 def run(tmp_path, *args, rc=0):
