@@ -5,6 +5,7 @@ from .activation_checkpointing import ActivationCheckpointing
 from .averaging import EMA, SWA
 from .checkpoint import Checkpoint, Resume
 from .clip import GradientClip
+from .distributed import DistributedDataParallel  # looplab's callback (wraps torch's class of that name)
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
 from .progress import ProgressBar
@@ -20,3 +21,4 @@ __all__ += ["GradientClip", "GradientAccumulation"]
 __all__ += ["ActivationCheckpointing"]
 __all__ += ["MixUp", "CutMix", "SWA", "EMA", "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN"]
 __all__ += ["Checkpoint", "Resume"]
+__all__ += ["DistributedDataParallel"]
