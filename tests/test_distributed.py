@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from looplab import Learner
+from looplab import Callback, Learner
 from looplab.callbacks.distributed import DistributedDataParallel
 from looplab.data import DataLoaders, epoch_batches
 
@@ -164,3 +164,39 @@ def test_example_runs_under_torchrun(tmp_path):
     check(run)
     assert "2 process(es) x bs 64: valid_loss" in run.stdout
     assert (tmp_path / "final.pt").is_file()
+
+
+# ---- in this process, with a one-process gloo group of the user's --------------------------------------------
+@pytest.fixture
+def user_group():
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+class _SeeModel(Callback):
+    def __init__(self, fail: bool = False):
+        self.fail, self.seen = fail, []
+
+    def after_batch(self):
+        model = self.learn.model
+        self.seen.append((type(model), getattr(model, "bucket_bytes_cap", None)))
+        if self.fail:
+            raise RuntimeError("fit failed")
+
+
+def test_wraps_once_during_fit_and_gives_the_module_back(user_group):
+    model = torch.nn.Linear(2, 1)
+    dls = DataLoaders.from_tensors(torch.randn(16, 2), torch.randn(16, 1), bs=4)
+    mine = DistributedDataParallel(bucket_cap_mb=1)  # kwargs for torch's DDP
+    learn = Learner(model, dls, F.mse_loss, progress=False, cbs=[mine, DistributedDataParallel()])
+    see = _SeeModel()
+    learn.fit(1, cbs=[see])
+    assert set(see.seen) == {(torch.nn.parallel.DistributedDataParallel, 2**20)}  # the first wraps, once
+    assert learn.model is model and torch.distributed.is_initialized()  # the user's group is kept
+    with pytest.raises(RuntimeError, match="fit failed"):
+        learn.fit(1, cbs=[_SeeModel(fail=True)])
+    assert isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)  # after_fit did not run
+    learn.fit(1)  # the next fit undoes the failed one first
+    assert learn.model is model and len(dls.train) == 4
