@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -50,6 +49,6 @@ def safe_load(path: str | os.PathLike, map_location=None):
     except pickle.UnpicklingError as e:
         raise ValueError(f"refusing to load {str(path)!r}: it holds objects that are not plain weights "
                          f"(loading them could run code): {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, OSError; KeyError for a non-torch file
         raise ValueError(f"cannot read checkpoint {str(path)!r}: the file is truncated or not a torch "
                          f"checkpoint ({type(e).__name__}: {e})") from e
