@@ -1,11 +1,12 @@
 """ActivationCheckpointing: chosen submodules recompute their activations in backward instead of storing them."""
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..callback import Callback
 from ..util import unwrap_model
@@ -13,13 +14,27 @@ from ..util import unwrap_model
 __all__ = ["ActivationCheckpointing"]
 
 
+@contextmanager
+def _restoring(buffers: list[torch.Tensor]):
+    """Puts `buffers` back as they were on entry: the recomputation must not update batch norm's statistics twice."""
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, saved)
+
+
 def _checkpointed_forward(module: nn.Module) -> Callable:
     """`module`'s forward, run through non-reentrant `checkpoint` whenever gradients are being recorded."""
     forward = module.forward
+    bn_buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    options = {"context_fn": lambda: (nullcontext(), _restoring(bn_buffers))} if bn_buffers else {}
 
     def checkpointed(*args, **kwargs):
         if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            # looked up at call time (not bound at import), so a patched or profiled `checkpoint` is the one used
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
         return forward(*args, **kwargs)  # validation, get_preds: nothing to recompute
     return checkpointed
 
@@ -34,7 +49,8 @@ class ActivationCheckpointing(Callback):
 
     Wrapping sets an instance `forward` on each chosen module for the fit and removes it after: the modules, the
     model's structure and its `state_dict` keys never change, so checkpoints written mid-fit load anywhere.
-    Caveat (as with any recomputation): BatchNorm inside a wrapped module updates its running statistics twice.
+    Batch norm inside a wrapped module updates its running statistics once, as without checkpointing: they are
+    restored after the recomputation in backward.
     """
 
     def __init__(self, modules: type | tuple[type, ...] | Callable[[str, nn.Module], bool]):
