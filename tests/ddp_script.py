@@ -74,7 +74,9 @@ def main(mode: str, out: Path) -> None:
                         metrics=[accuracy], cbs=[TensorBoard("runs"), SaveBest("best.pt")])
         learn.fit(1)
         learn.fit(1)  # a second fit: the group is created again, the model wrapped again
+        found = learn.lr_find(num_it=30)  # its stop rule reads the loss: the ranks must stop together
         torch.save({"weights": learn.model.state_dict(), "valid": learn.recorder.last_validation,
+                    "losses": learn.recorder.losses, "lr_find_losses": found.losses,
                     "model_type": type(learn.model).__name__,
                     "group_after_fit": torch.distributed.is_initialized(),
                     "loader_world_sizes": [learn.dls.train.world_size, learn.dls.valid.world_size],

@@ -61,9 +61,16 @@ def test_two_processes_give_the_weights_of_one_process_with_twice_the_batch(trai
     ref = Learner(make_model(), make_data(64), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1, progress=False)
     ref.fit(2)  # 161 samples: batches 64, 64 and an uneven 33 (16 + 17 on two ranks)
     for rank in (0, 1):
-        got = load(trained / f"equiv_rank{rank}.pt")["weights"]
+        result = load(trained / f"equiv_rank{rank}.pt")
         for name, w in ref.model.state_dict().items():
-            torch.testing.assert_close(got[name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(result["weights"][name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
+        # the recorded training losses are the global batches' (the second fit's three steps), on every rank
+        assert result["losses"] == pytest.approx(ref.recorder.losses[3:], abs=1e-6)
+
+
+def test_every_rank_sees_the_same_training_loss_so_lr_find_stops_together(trained):
+    losses = [load(trained / f"equiv_rank{rank}.pt")["lr_find_losses"] for rank in (0, 1)]
+    assert len(losses[0]) > 3 and losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_valid_loss_and_metrics_are_the_full_dataset_values_on_every_rank(trained):

@@ -36,10 +36,14 @@ class DistributedDataParallel(Callback):
       the same number of batches (a last global batch with fewer samples than ranks is dropped); validation uses
       every sample once, and `valid_loss` and the metrics are summed across ranks before the Recorder averages
       them, so they are the full-dataset values on every rank (EarlyStopping & co. decide alike everywhere).
+    - The training loss's value is made the global batch's (one scalar all-reduce per step) while its gradient
+      stays this rank's, so the Recorder, the progress bar, `lr_find`, TerminateOnNaN and anything deciding on
+      `train_loss` see the one-process value on every rank, and decide alike (a rank that stopped alone would
+      leave the others waiting). A callback that replaces the loss later in `after_loss` (MixUp) makes it this
+      rank's again.
     - An uneven last training batch (e.g. 33 samples on 2 ranks) weights each rank's loss by its share of the
       batch, so the step still follows the global batch's mean loss. This assumes `loss_func` averages over the
       batch, as torch's losses do by default.
-    - The per-step training losses each rank records are its own share's; only validation values are global.
     - BatchNorm statistics stay per-process (DDP broadcasts rank 0's buffers); convert the model with
       `torch.nn.SyncBatchNorm.convert_sync_batchnorm` first for global batch statistics.
 
@@ -47,8 +51,9 @@ class DistributedDataParallel(Callback):
     them, give this callback to the Learner's `cbs`: when several are present, the first one in `learn.cbs` works
     and the others (such as the one the Learner adds) stay idle.
     """
-    order = -100  # before_fit: the group must exist before ProgressBar / TensorBoard ask is_main_process();
-    #               after_validate: the sums must be reduced before the Recorder (50) turns them into means
+    order = -100  # before_fit: the group must exist, and the model be on its device, before any other callback
+    #               looks (is_main_process(), learn.device); after_loss: the global loss before the Recorder (50)
+    #               records it; after_validate: the sums reduced before the Recorder turns them into means
 
     def __init__(self, **ddp_kwargs):
         self.ddp_kwargs = ddp_kwargs
@@ -100,10 +105,26 @@ class DistributedDataParallel(Callback):
         share = (rank + 1) * size // world_size - rank * size // world_size
         self.tail_iter = last if share * world_size != size else None
         self.tail_weight = share * world_size / size
+        self.world_size = world_size
+
+    def _weight(self) -> float:
+        """This rank's share of the global batch's mean loss, times world_size (1 but on an uneven last batch)."""
+        return self.tail_weight if self.tail_iter is not None and self.learn.iter == self.tail_iter else 1.0
+
+    def after_loss(self):
+        learn = self.learn
+        if not (self.active and learn.training):
+            return
+        loss = learn.loss
+        weight = self._weight()
+        global_loss = loss.detach() * weight if weight != 1.0 else loss.detach().clone()
+        dist.all_reduce(global_loss)
+        learn.loss = loss + (global_loss / self.world_size - loss).detach()  # the global value, this rank's gradient
 
     def before_backward(self):
-        if self.tail_iter is not None and self.learn.iter == self.tail_iter:
-            self.learn.loss = self.learn.loss * self.tail_weight
+        weight = self._weight()
+        if weight != 1.0:
+            self.learn.loss = self.learn.loss * weight
 
     def after_validate(self):
         learn = self.learn
