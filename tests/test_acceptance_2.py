@@ -116,7 +116,8 @@ def test_list_of_batches_without_validation_set_and_plain_list_data():
 
 def test_torch_dataloaders_as_data():
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
-    tr, va = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8), DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8)
+    tr = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8)
+    va = DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8)
     learn = Learner(make_model(), (tr, va), nn.CrossEntropyLoss(), progress=False)
     learn.fit(2)
     assert len(learn.recorder.losses) == 8
@@ -134,8 +135,8 @@ class TwoInput(nn.Module):
 
 def test_multi_input_models_get_a_tuple():
     g = torch.Generator().manual_seed(0)
-    batches = [((torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)), torch.randint(0, 3, (8,), generator=g))
-               for _ in range(3)]
+    batches = [((torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)),
+                torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
     torch.manual_seed(0)
     model = TwoInput()
     ref = TwoInput()

@@ -218,9 +218,11 @@ def test_warmup_cos_matches_torch_linear_then_cosine(how):
 def test_warmup_rule_is_explicit():
     learn = _learner()
     with pytest.raises(ValueError, match="warmup_epochs"):
-        learn.fit_warmup_cos(2, warmup=1.0)  # epochs must be said as warmup_epochs=
+        learn.fit_warmup_cos(2, warmup=2)  # warmup >= 1 counts epochs: it must end before the fit does
     with pytest.raises(ValueError, match="warmup_epochs"):
         learn.fit_warmup_cos(2, warmup_epochs=2)
+    with pytest.raises(ValueError, match="warmup"):
+        learn.fit_warmup_cos(2, warmup=-0.1)
 
 
 def test_flat_cos_formula():

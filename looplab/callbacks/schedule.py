@@ -154,14 +154,18 @@ def fit_warmup_cos(learn, n_epochs: int, lr: float | slice | None = None, warmup
                    cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
     """Linear warmup from `lr/div` to `lr`, then cosine decay to `lr_min`.
 
-    The warmup is `warmup`, a fraction of training in [0, 1), or `warmup_epochs` (epochs, may be fractional,
-    e.g. from `scale_for_batch`), which then takes precedence. `lr=None` uses the Learner's lr.
+    The warmup is `warmup`: a fraction of training if < 1, a number of epochs if >= 1 (a fraction >= 1 would leave
+    no decay); or `warmup_epochs` (epochs, may be fractional, e.g. from `scale_for_batch`), which then takes
+    precedence. `lr=None` uses the Learner's lr.
     """
     lr = _lr_max(learn, lr)
+    if warmup_epochs is None and not isinstance(warmup, bool) and isinstance(warmup, (int, float)) and warmup >= 1:
+        warmup_epochs = warmup
     if warmup_epochs is not None:
         if not (not isinstance(warmup_epochs, bool) and isinstance(warmup_epochs, (int, float))
                 and 0 <= warmup_epochs < max(n_epochs, 1)):
-            raise ValueError(f"warmup_epochs must be in [0, n_epochs={n_epochs}), got {warmup_epochs!r}")
+            raise ValueError(f"a warmup in epochs (warmup >= 1 or warmup_epochs=) must be in [0, n_epochs={n_epochs}), "
+                             f"got {warmup_epochs!r}")
         warmup = warmup_epochs / n_epochs if n_epochs else 0.0
     if not (not isinstance(warmup, bool) and isinstance(warmup, (int, float)) and 0 <= warmup < 1):
         raise ValueError(f"warmup must be a fraction of training in [0, 1), got {warmup!r} "
