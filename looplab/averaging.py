@@ -20,7 +20,7 @@ from .util import to_device, unwrap_model
 __all__ = ["average_checkpoints", "average_last", "run_files", "update_bn"]
 
 
-def _model_state(obj, path: Path) -> dict[str, torch.Tensor]:
+def _model_state(obj, path: Path | str) -> dict[str, torch.Tensor]:
     """The model weights in a loaded file: the "model" entry of a `learn.save` / `Checkpoint` file, or a state dict."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -30,7 +30,7 @@ def _model_state(obj, path: Path) -> dict[str, torch.Tensor]:
                      f"nor a state dict of tensors")
 
 
-def _check_same_layout(state: dict, ref: dict, path: Path, ref_path: Path) -> None:
+def _check_same_layout(state: dict, ref: dict, path: Path | str, ref_path: Path | str) -> None:
     if state.keys() != ref.keys():
         missing, extra = sorted(ref.keys() - state.keys()), sorted(state.keys() - ref.keys())
         raise ValueError(f"checkpoint {str(path)!r} has other weights than {str(ref_path)!r}: "
@@ -41,22 +41,32 @@ def _check_same_layout(state: dict, ref: dict, path: Path, ref_path: Path) -> No
                              f"but {tuple(ref[k].shape)} in {str(ref_path)!r}")
 
 
-def average_checkpoints(paths: Iterable[str | os.PathLike]) -> dict[str, torch.Tensor]:
+def _load(item, i: int) -> tuple[dict, Path | str]:
+    """The model weights of one `average_checkpoints` input (a file, or a state dict in memory) and its name."""
+    if isinstance(item, dict):
+        name = f"state dict #{i}"
+        return {k: v.cpu() for k, v in _model_state(item, name).items()}, name
+    path = Path(item)
+    return _model_state(safe_load(path, map_location="cpu"), path), path
+
+
+def average_checkpoints(paths: Iterable[str | os.PathLike | dict]) -> dict[str, torch.Tensor]:
     """The element-wise mean of the model weights saved in `paths` (as a state dict, on the CPU).
 
-    Each file is one written by `learn.save` or `Checkpoint` (a dict with a "model" entry) or a plain state dict.
+    Each file is one written by `learn.save` or `Checkpoint` (a dict with a "model" entry) or a plain state dict;
+    state dicts already in memory may be given instead of files.
     Floating-point tensors are averaged (summed in float64, returned in their own dtype); others (e.g. batch norm's
     `num_batches_tracked`) are taken from the last file. Files whose keys or shapes disagree are refused, by name.
     """
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError(f"average_checkpoints takes a list of paths, got the single path {str(paths)!r}")
-    paths = [Path(p) for p in paths]
+    paths = list(paths)
     if not paths:
         raise ValueError("average_checkpoints needs at least one checkpoint, got none")
     ref = ref_path = None
     sums: dict[str, torch.Tensor] = {}
-    for path in paths:  # one file in memory at a time
-        state = _model_state(safe_load(path, map_location="cpu"), path)
+    for i, item in enumerate(paths):  # one file in memory at a time
+        state, path = _load(item, i)
         if ref is None:
             ref, ref_path = state, path
         _check_same_layout(state, ref, path, ref_path)

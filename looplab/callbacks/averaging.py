@@ -111,9 +111,13 @@ class SWA(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         average, self.count, self._start_lrs = state["average"], int(state["count"]), state["start_lrs"]
-        names, params = _float_params(unwrap_model(self.learn.model))
+        if self.learn is None:  # not attached to a Learner yet: keep the saved tensors as they are
+            self._names = [] if average is None else list(average)
+            self.average = None if average is None else [average[n].clone() for n in self._names]
+            return
+        self._names, params = _float_params(unwrap_model(self.learn.model))
         self.average = None if average is None else [average[n].to(p.device, p.dtype).clone()
-                                                     for n, p in zip(names, params)]
+                                                     for n, p in zip(self._names, params)]
 
 
 class EMA(Callback):
