@@ -197,10 +197,10 @@ def test_wraps_once_during_fit_and_gives_the_module_back(user_group):
     model = torch.nn.Linear(2, 1)
     dls = DataLoaders.from_tensors(torch.randn(16, 2), torch.randn(16, 1), bs=4)
     mine = DistributedDataParallel(bucket_cap_mb=1)  # kwargs for torch's DDP
-    learn = Learner(model, dls, F.mse_loss, progress=False, cbs=[mine, DistributedDataParallel()])
+    learn = Learner(model, dls, F.mse_loss, progress=False, cbs=[DistributedDataParallel()])  # as torchrun's
     see = _SeeModel()
-    learn.fit(1, cbs=[see])
-    assert set(see.seen) == {(torch.nn.parallel.DistributedDataParallel, 2**20)}  # the first wraps, once
+    learn.fit(1, cbs=[mine, see])
+    assert set(see.seen) == {(torch.nn.parallel.DistributedDataParallel, 2**20)}  # the configured one, once
     assert learn.model is model and torch.distributed.is_initialized()  # the user's group is kept
     with pytest.raises(RuntimeError, match="fit failed"):
         learn.fit(1, cbs=[_SeeModel(fail=True)])

@@ -48,8 +48,8 @@ class DistributedDataParallel(Callback):
       `torch.nn.SyncBatchNorm.convert_sync_batchnorm` first for global batch statistics.
 
     `ddp_kwargs` go to `torch.nn.parallel.DistributedDataParallel` (e.g. `find_unused_parameters=True`). To pass
-    them, give this callback to the Learner's `cbs`: when several are present, the first one in `learn.cbs` works
-    and the others (such as the one the Learner adds) stay idle.
+    them, give this callback in `cbs` (the Learner's or the fit's): when several are present, the first one with
+    `ddp_kwargs` works (else the first) and the others, such as the one the Learner adds, stay idle.
     """
     order = -100  # before_fit: the group must exist, and the model be on its device, before any other callback
     #               looks (is_main_process(), learn.device); after_loss: the global loss before the Recorder (50)
@@ -64,33 +64,33 @@ class DistributedDataParallel(Callback):
         learn = self.learn
         if self.active:  # the last fit raised, so its after_fit never ran: undo it first
             self.after_fit()
-        self.active = next(cb for cb in learn.cbs if isinstance(cb, DistributedDataParallel)) is self
+        candidates = [cb for cb in learn.cbs if isinstance(cb, DistributedDataParallel)]
+        self.active = next((cb for cb in candidates if cb.ddp_kwargs), candidates[0]) is self
         if not self.active:
             return
-        loaders = [dl for dl in (learn.dls.train, learn.dls.valid) if dl is not None]
-        for dl in loaders:
-            if not hasattr(dl, "set_distributed"):
+        for dl in (learn.dls.train, learn.dls.valid):
+            if dl is not None and not hasattr(dl, "set_distributed"):
                 raise TypeError(f"distributed training needs looplab's loaders (DataLoaders.from_tensors or "
                                 f"from_datasets), which give each process its share of every batch; got "
                                 f"{type(dl).__name__}")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             if "WORLD_SIZE" not in os.environ:
                 raise RuntimeError("DistributedDataParallel needs a process group: launch with torchrun, or call "
                                    "torch.distributed.init_process_group() before fit")
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(local_rank)  # before init: nccl binds each process to its GPU
             _init_group(backend)
             atexit.register(_destroy_group)
         rank, world_size = dist.get_rank(), dist.get_world_size()
         model = unwrap_model(learn.model)
         device_ids = None
         if dist.get_backend() == "nccl":  # one process per GPU
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
             model.to(device)  # in place: the optimizer keeps the same parameters
             device_ids = [device.index]
-        self.sharding = [(dl, (dl.rank, dl.world_size, dl.even)) for dl in loaders]
         learn.dls.train.set_distributed(rank, world_size, even=True)
         if learn.dls.valid is not None:
             learn.dls.valid.set_distributed(rank, world_size, even=False)
@@ -145,8 +145,9 @@ class DistributedDataParallel(Callback):
             return
         learn = self.learn
         learn.model = unwrap_model(learn.model)
-        for dl, (rank, world_size, even) in self.sharding:
-            dl.set_distributed(rank, world_size, even)
+        for dl in (learn.dls.train, learn.dls.valid):
+            if dl is not None:
+                dl.set_distributed(0, 1)
         self.active, self.tail_iter = False, None
 
 
