@@ -618,3 +618,20 @@ def test_suggestion_rules_ignore_the_divergent_tail():
         v = rule(LRS, losses)
         assert math.isfinite(v) and v > 0
     assert minimum(LRS, losses) == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_lr_find_with_plain_torch_dataloader_shuffling_from_the_global_rng():
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
+
+    def run(with_find):
+        torch.manual_seed(3)
+        data = (DataLoader(TensorDataset(x[:40], y[:40]), batch_size=8, shuffle=True),
+                DataLoader(TensorDataset(x[40:], y[40:]), batch_size=8))
+        learn = Learner(make_model(0, 0.2), data, nn.CrossEntropyLoss(), lr=1e-2, progress=False)
+        if with_find:
+            learn.lr_find(num_it=15)
+        learn.fit(2)
+        return [p.detach().clone() for p in learn.model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(run(False), run(True)))
