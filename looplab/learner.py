@@ -31,6 +31,11 @@ def _check_lr(lr: Any) -> None:
             raise ValueError(f"lr must be a positive finite number (or a slice of two), got {lr!r}")
 
 
+def _as_list(cbs) -> list:
+    """A lone callback, or an iterable of them, as a list."""
+    return [cbs] if isinstance(cbs, Callback) else list(cbs)
+
+
 # level -> its event names and Cancel exception, built once
 _LEVELS = {level: (f"before_{level}", f"after_cancel_{level}", f"after_{level}", exc)
            for level, exc in LEVEL_EVENTS.items()}
@@ -47,8 +52,8 @@ class Learner(FeatureMethods):
     | opt ✎        | the optimizer, built once by `opt_func(param_groups, lr=lr)`                           |
     | loss_func ✎  | `loss_func(pred, yb) -> scalar tensor`                                                 |
     | dls          | the DataLoaders; `dl` ✎ is the loader of the current phase                             |
-    | xb ✎, yb ✎   | the current batch on the model's device; `xb` is a tuple of model inputs (`model(*xb)`) |
-    | pred ✎       | `model(*xb)`                                                                           |
+    | xb ✎, yb ✎   | the batch as the loader yields it, on the model's device; a tuple `xb` is several inputs |
+    | pred ✎       | `model(xb)`, or `model(*xb)` for a tuple of inputs                                     |
     | loss ✎       | the scalar tensor that will be back-propagated (replace it in `after_loss`)            |
     | training     | True in the training phase, False in validation                                        |
     | epoch ✎      | 0-based epoch; a callback may set it in `before_fit` to start later (resume)          |
@@ -64,8 +69,8 @@ class Learner(FeatureMethods):
     """
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable,
-                 opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Iterable[Callback] = (),
-                 metrics: Iterable[Callable] = (), splitter: Callable | None = None, progress: bool = True):
+                 opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Callback | Iterable[Callback] = (),
+                 metrics: Callable | Iterable[Callable] = (), splitter: Callable | None = None, progress: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_func):
@@ -78,13 +83,13 @@ class Learner(FeatureMethods):
             raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
         _check_lr(lr)
         self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
-        self.metrics, self.splitter = list(metrics), splitter
+        self.metrics, self.splitter = [metrics] if callable(metrics) else list(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
         self.cbs: list[Callback] = []
         self._table: dict = build_table(self.cbs, self)
         self.recorder = Recorder()
-        self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *cbs])
+        self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *_as_list(cbs)])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: train data-parallel
             from .callbacks.distributed import DistributedDataParallel
             self.add_cb(DistributedDataParallel())
@@ -104,7 +109,7 @@ class Learner(FeatureMethods):
         return cb
 
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
-        for cb in cbs:
+        for cb in _as_list(cbs):
             self.add_cb(cb)
 
     def remove_cb(self, cb: Callback | type) -> None:
@@ -139,7 +144,7 @@ class Learner(FeatureMethods):
             handler()
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Iterable[Callback] = (),
+    def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
             resume_from: str | os.PathLike | None = None) -> None:
         """Train for `n_epochs`. `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
 
@@ -151,7 +156,7 @@ class Learner(FeatureMethods):
             _check_lr(lr)
         if hasattr(self.dls.train, "__len__") and len(self.dls.train) == 0:
             raise ValueError("the training data is empty: it yields no batches")
-        cbs = list(cbs)
+        cbs = _as_list(cbs)
         if resume_from is not None:
             from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
             cbs.insert(0, Resume(resume_from))
@@ -185,8 +190,7 @@ class Learner(FeatureMethods):
         n_batches = 0
         with torch.set_grad_enabled(training):
             for self.iter, (xb, yb) in enumerate(dl, getattr(dl, "offset", 0)):
-                self.xb = (tuple(to_device(x, device) for x in xb) if isinstance(xb, (tuple, list))
-                           else (xb.to(device, non_blocking=True),))
+                self.xb = xb.to(device, non_blocking=True) if isinstance(xb, torch.Tensor) else to_device(xb, device)
                 self.yb = to_device(yb, device)
                 self._with_events(self._do_batch, "batch")
                 n_batches += 1
@@ -196,7 +200,8 @@ class Learner(FeatureMethods):
             raise ValueError("the training data is empty: it yielded no batches")
 
     def _do_batch(self) -> None:
-        self.pred = self.model(*self.xb)
+        xb = self.xb
+        self.pred = self.model(*xb) if isinstance(xb, tuple) else self.model(xb)
         self._fire("after_pred")
         self.loss = self.loss_func(self.pred, self.yb)
         self._fire("after_loss")
@@ -217,7 +222,7 @@ class Learner(FeatureMethods):
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
         """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
-        cbs, dl = list(cbs), self.dls.valid if dl is None else dl
+        cbs, dl = _as_list(cbs), self.dls.valid if dl is None else dl
         if dl is None:
             raise ValueError("there is no validation data: pass dl=")
         saved = {k: getattr(self, k, None) for k in ("dl", "training", "iter", "n_iter")}

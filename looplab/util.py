@@ -16,8 +16,8 @@ def to_device(b, device: torch.device):
     """Move a tensor, or the tensors in a tuple / list / dict, to `device`."""
     if isinstance(b, torch.Tensor):
         return b.to(device, non_blocking=True)
-    if isinstance(b, (tuple, list)):
-        return type(b)(to_device(t, device) for t in b)
+    if isinstance(b, (tuple, list)):  # a list of inputs becomes a tuple: the loop calls model(*xb) on tuples
+        return tuple(to_device(t, device) for t in b)
     if isinstance(b, dict):
         return {k: to_device(v, device) for k, v in b.items()}
     return b

@@ -296,7 +296,7 @@ class Capture(Callback):
 
     def before_batch(self):
         if self.learn.training:
-            self.raw.append(self.learn.xb[0].clone())
+            self.raw.append(self.learn.xb.clone())
             self.ys.append(self.learn.yb.clone())
 
     def after_pred(self):

@@ -280,6 +280,33 @@ def test_multi_input_models_take_a_tuple():
     assert len(learn.recorder.losses) == 4 and math.isfinite(learn.validate()["valid_loss"])
 
 
+def test_xb_is_the_batch_as_yielded_on_the_models_device():
+    seen = []
+
+    class Look(Callback):
+        def before_batch(self):
+            seen.append(self.learn.xb)
+
+    learn = make_learner(make_batches(1), make_batches(1, seed=1))
+    learn.fit(1, cbs=[Look()])
+    assert all(isinstance(xb, torch.Tensor) and xb.shape == (8, 5) for xb in seen)
+    seen.clear()
+    x1, x2, y = torch.randn(8, 3), torch.randn(8, 4), torch.randint(0, 2, (8,))
+    two = nn.Bilinear(3, 4, 2)
+    Learner(two, ([([x1, x2], y)], None), F.cross_entropy, progress=False, cbs=[Look()]).fit(1)
+    assert isinstance(seen[0], tuple) and torch.equal(seen[0][0], x1) and torch.equal(seen[0][1], x2)
+
+
+def test_a_single_callback_or_metric_needs_no_list():
+    class A(Callback):
+        pass
+
+    a = A()
+    learn = make_learner(cbs=A(), metrics=accuracy)
+    learn.fit(1, cbs=a)
+    assert "accuracy" in learn.recorder.history[0] and a not in learn.cbs
+
+
 def test_save_load_round_trip(tmp_path):
     learn = make_learner()
     learn.fit(1)

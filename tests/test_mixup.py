@@ -40,12 +40,12 @@ class Probe(Callback):
 
     def before_batch(self):
         if self.learn.training:
-            self.batches.append({"x": self.learn.xb[0].clone(), "y": self.learn.yb.clone()})
+            self.batches.append({"x": self.learn.xb.clone(), "y": self.learn.yb.clone()})
 
     def after_batch(self):
         if self.learn.training:
             b = self.batches[-1]
-            b["mixed"], b["pred"], b["loss"] = self.learn.xb[0], self.learn.pred.detach(), self.learn.loss.detach()
+            b["mixed"], b["pred"], b["loss"] = self.learn.xb, self.learn.pred.detach(), self.learn.loss.detach()
 
 
 def fit_probed(cb, loss_func=F.cross_entropy, seed=1, epochs=1, x=None, y=None):

@@ -14,11 +14,6 @@ from .schedule import ParamScheduler
 from .tensorboard import TensorBoard
 from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 
-__all__ = ["ProgressBar", "Recorder", "TensorBoard"]
-__all__ += ["MixedPrecision"]
-__all__ += ["ParamScheduler"]
-__all__ += ["GradientClip", "GradientAccumulation"]
-__all__ += ["ActivationCheckpointing"]
-__all__ += ["MixUp", "CutMix", "SWA", "EMA", "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN"]
-__all__ += ["Checkpoint", "Resume"]
-__all__ += ["DistributedDataParallel"]
+__all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
+           "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
+           "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel"]

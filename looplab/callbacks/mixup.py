@@ -30,7 +30,7 @@ def _permute(yb, perm: torch.Tensor):
 
 
 class _Mix(Callback):
-    """Shared by MixUp and CutMix: `before_batch` mixes `xb[0]`, `after_loss` mixes the loss.
+    """Shared by MixUp and CutMix: `before_batch` mixes the inputs (the first of several), `after_loss` mixes the loss.
 
     The loss becomes `λ·loss_func(pred, y_a) + (1−λ)·loss_func(pred, y_b)` with the Learner's own `loss_func`, so any
     loss works (no one-hot targets). The loop has already computed `loss_func(pred, y_a)` as `learn.loss`; only the
@@ -55,12 +55,13 @@ class _Mix(Callback):
         learn = self.learn
         if not learn.training:
             return
-        x = learn.xb[0]
+        multi = isinstance(learn.xb, tuple)  # several inputs: mix the first
+        x = learn.xb[0] if multi else learn.xb
         if not torch.is_floating_point(x):
-            raise TypeError(f"{self.name} mixes floating-point inputs, got xb[0] of dtype {x.dtype}")
+            raise TypeError(f"{self.name} mixes floating-point inputs, got inputs of dtype {x.dtype}")
         perm = torch.randperm(x.shape[0]).to(x.device, non_blocking=True)  # CPU RNG: same on every device
         mixed, self.lam = self._mix(x, perm)
-        learn.xb = (mixed, *learn.xb[1:])
+        learn.xb = (mixed, *learn.xb[1:]) if multi else mixed
         self._y_b = _permute(learn.yb, perm)
 
     def after_loss(self):
@@ -106,7 +107,7 @@ class CutMix(_Mix):
 
     def _mix(self, x, perm):
         if x.ndim != 4:
-            raise ValueError(f"CutMix needs image batches of shape (N, C, H, W), got xb[0] of shape {tuple(x.shape)}")
+            raise ValueError(f"CutMix needs image batches of shape (N, C, H, W), got inputs of shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
         lam = self._draw_lambda()
         cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))  # the box centre

@@ -29,7 +29,7 @@ class MixedPrecision(Callback):
     is skipped (weights untouched) and the scale backs off. Unlike a scaler hidden inside the loop, its scale is
     visible: `.scale`, `.overflows`, a `loss_scale` series logged every training batch (the scale that batch's loss
     was multiplied by, i.e. before this step's update), and the callback's `state_dict`, so a checkpoint resumes at
-    the scale it had. bfloat16 needs no scaler (and logs no `loss_scale`).
+    the scale it had. bfloat16 needs no scaler (its `loss_scale` series is 1.0).
 
     Predictions go back to float32 in `after_pred`, before the loss and metrics. Gradients are unscaled once per
     step in `after_backward`, so every `before_step` callback (e.g. `GradientClip`) sees true gradients; the step
@@ -118,9 +118,10 @@ class MixedPrecision(Callback):
         self.learn.pred = _to_float32(self.learn.pred)
 
     def before_backward(self):
-        if self.scaler is None:
-            return
         learn = self.learn
+        if self.scaler is None:  # bfloat16: nothing is scaled; the series still says so, batch by batch
+            learn.recorder.log("loss_scale", 1.0)
+            return
         learn.loss = self.scaler.scale(learn.loss)
         self._batch_scale = self.scaler.scale(self._one)
         learn.recorder.log("loss_scale", self._batch_scale)

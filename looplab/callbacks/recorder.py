@@ -14,7 +14,10 @@ __all__ = ["Recorder"]
 
 def _batch_size(learn) -> int:
     yb = learn.yb
-    return len(yb) if isinstance(yb, torch.Tensor) and yb.ndim else learn.xb[0].shape[0]
+    if isinstance(yb, torch.Tensor) and yb.ndim:
+        return len(yb)
+    xb = learn.xb
+    return (xb[0] if isinstance(xb, tuple) else xb).shape[0]
 
 
 class Recorder(Callback):
