@@ -204,11 +204,11 @@ class Learner(FeatureMethods):
         xb = self.xb
         self.pred = self.model(*xb) if isinstance(xb, tuple) else self.model(xb)
         self._fire("after_pred")
-        self.loss = self.loss_func(self.pred, self.yb)
-        self._fire("after_loss")
-        if not isinstance(self.loss, torch.Tensor) or self.loss.ndim != 0:
+        self.loss = loss = self.loss_func(self.pred, self.yb)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise ValueError(f"loss_func must return a scalar tensor, got "
-                             f"{tuple(self.loss.shape) if isinstance(self.loss, torch.Tensor) else self.loss!r}")
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
+        self._fire("after_loss")
         if self.training:
             self._with_events(self._do_backward, "backward")
             self._with_events(self._do_step, "step")

@@ -24,9 +24,9 @@ class Recorder(Callback):
     """Always on as `learn.recorder`. Reset at the start of every fit.
 
     Per training step it keeps the loss (after callbacks such as MixUp set it, before anything scales it for
-    backward) and the lr of the last parameter group. Values arrive as tensors and are turned into floats in one
-    batch at the end of each epoch or when read, so recording costs no host sync per step; what it exposes and
-    saves is plain floats, never tensors or graphs.
+    backward) and the lr of the last parameter group. Tensors on an accelerator are kept (detached) and turned into
+    floats in one batch at the end of each epoch or when read, so recording costs no host sync per step; CPU
+    tensors are read at once (no sync there). What it exposes and saves is plain floats, never tensors or graphs.
 
     Validation sums `loss * n` and `metric * n` on the device in `valid_totals` (with `valid_count` samples), so
     `valid_loss` and the metrics are exact per-sample means; a distributed callback may all-reduce both before
@@ -74,7 +74,7 @@ class Recorder(Callback):
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"recorder.log({name!r}, …) takes a scalar, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach()
+            value = value.item() if value.is_cpu else value.detach()
         self._series.setdefault(name, []).append([self.learn.train_iter, value])
 
     def flush(self) -> None:
@@ -114,7 +114,10 @@ class Recorder(Callback):
     def after_loss(self):
         learn = self.learn
         if learn.training:
-            self._losses.append(learn.loss.detach())
+            loss = learn.loss
+            # On the CPU reading the value is no sync and is cheaper than keeping a tensor alive until the flush;
+            # on an accelerator the tensor is kept and read in one batch at the epoch's end.
+            self._losses.append(loss.item() if loss.is_cpu else loss.detach())
             self.lrs.append(learn.opt.param_groups[-1]["lr"])
             return
         n = _batch_size(learn)
