@@ -1,7 +1,7 @@
 """Train a small CNN on scikit-learn's bundled handwritten digits with looplab's headline features on.
 
 1,797 real 8×8 digits ship inside scikit-learn (no download). A seeded 80/20 split, a one-cycle schedule,
-bfloat16 autocast with an exposed loss scale story, gradient clipping, EMA weights, atomic checkpoints and
+bfloat16 autocast, gradient clipping, EMA weights, atomic checkpoints and
 TensorBoard logs. Writes under `runs/digits/` (TensorBoard events, PNG plots, checkpoints), prints the epoch
 table, the final accuracy and the wall time.
 
