@@ -57,7 +57,7 @@ def main() -> None:
     resume = args.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("ckpt-*.pt"))
     learn.fit(args.epochs, resume_from=ckpt_dir if resume else None)
 
-    if is_main_process():  # the process group stays up after fit: rank 0 reports and saves
+    if is_main_process():  # rank 0 reports and saves
         learn.save(Path(args.out) / "final.pt")
         final = learn.recorder.history[-1]
         print(f"{world_size} process(es) x bs {args.global_bs // world_size}: valid_loss {final['valid_loss']:.4f}, "

@@ -1,6 +1,8 @@
 """Small helpers the core and callbacks share."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -24,6 +26,12 @@ def to_device(b, device: torch.device):
 
 
 def is_main_process() -> bool:
-    """True unless this is a non-zero rank of an initialised process group (only rank 0 shows and writes)."""
+    """True unless this is a non-zero rank: of the initialised process group, or else of torchrun's `RANK`.
+
+    Only rank 0 shows progress and writes files; the `RANK` fallback keeps that true before and after a fit,
+    when no process group exists.
+    """
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

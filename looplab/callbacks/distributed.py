@@ -8,7 +8,6 @@ global batch's mean loss.
 """
 from __future__ import annotations
 
-import atexit
 import os
 
 import torch
@@ -24,11 +23,11 @@ __all__ = ["DistributedDataParallel"]
 class DistributedDataParallel(Callback):
     """Joins (or creates) the process group, wraps `learn.model` in torch's DDP and shards the loaders for a fit.
 
-    - Process group: one the user initialised is kept; otherwise the first fit creates it from torchrun's
-      environment (nccl when CUDA is available, else gloo). That one stays up for later fits (and for
-      `is_main_process()` after a fit) and is destroyed when the process exits: torch cannot reliably create the
-      default group again in the same process (pytorch/pytorch#55967, #119196 — the second init may hang on the
-      first one's store keys). With nccl each process trains on `cuda:LOCAL_RANK` and the model is moved there.
+    - Process group: one the user initialised is kept; otherwise each fit creates it from torchrun's environment
+      (nccl when CUDA is available, else gloo) and tears it down in `after_fit`. Under torchrun's agent store every
+      group gets store keys of its own, so creating one per fit is safe (a new group reading an old one's keys can
+      hang: pytorch/pytorch#55967, #119196). Between fits `looplab.util.is_main_process()` falls back to torchrun's
+      `RANK`. With nccl each process trains on `cuda:LOCAL_RANK` and the model is moved there.
     - `learn.model` is the DDP wrapper during the fit and the user's module again after it (`learn.save` and
       `Checkpoint` unwrap it). If the fit raises, `after_fit` does not run: the model stays wrapped (the job is
       going down anyway; `looplab.util.unwrap_model` gives the module) and the next fit wraps it afresh.
@@ -57,7 +56,7 @@ class DistributedDataParallel(Callback):
 
     def __init__(self, **ddp_kwargs):
         self.ddp_kwargs = ddp_kwargs
-        self.active, self.tail_iter = False, None
+        self.active, self.tail_iter, self.created_group = False, None, False
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def before_fit(self):
@@ -81,8 +80,7 @@ class DistributedDataParallel(Callback):
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(local_rank)  # before init: nccl binds each process to its GPU
-            _init_group(backend)
-            atexit.register(_destroy_group)
+            self.created_group = _init_group(backend)
         rank, world_size = dist.get_rank(), dist.get_world_size()
         model = unwrap_model(learn.model)
         device_ids = None
@@ -140,7 +138,7 @@ class DistributedDataParallel(Callback):
         rec.valid_totals, rec.valid_count = (both[:-1].to(totals.dtype), count) if count else (None, 0)
 
     def after_fit(self):
-        """Give the user's module back and unshard the loaders (the process group stays up: see the class doc)."""
+        """Give the user's module back, unshard the loaders, and tear down the process group if this fit made it."""
         if not self.active:
             return
         learn = self.learn
@@ -148,27 +146,30 @@ class DistributedDataParallel(Callback):
         for dl in (learn.dls.train, learn.dls.valid):
             if dl is not None:
                 dl.set_distributed(0, 1)
-        self.active, self.tail_iter = False, None
+        if self.created_group and dist.is_initialized():  # ours: tear it down (a user's group is kept)
+            dist.barrier()  # no rank leaves while another still needs the group
+            dist.destroy_process_group()
+        self.active, self.tail_iter, self.created_group = False, None, False
 
 
-def _init_group(backend: str) -> None:
-    """`init_process_group` from torchrun's environment, with the store's keys kept apart per restart attempt.
+_n_groups = 0  # process groups this process created: each gets store keys of its own
 
-    After an elastic restart torchrun hands the new workers the same agent store, which still holds the dead
-    attempt's rendezvous keys; gloo / nccl may read a dead worker's address from them and fail or hang
-    (pytorch/pytorch#167288). So under torchrun's agent store every attempt gets its own key prefix.
+
+def _init_group(backend: str) -> bool:
+    """`init_process_group` from torchrun's environment; True once the group exists.
+
+    Under torchrun's agent store, every group gets its own key prefix (per restart attempt and per group created
+    in this process): the store outlives groups and elastic restarts, and a new group reading an old one's keys
+    (a dead worker's address) fails or hangs (pytorch/pytorch#167288). So a group can be created for every fit.
     """
+    global _n_groups
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
-        return
+        return True
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"looplab/attempt_{attempt}", store), rank=rank,
-                            world_size=world_size)
-
-
-def _destroy_group() -> None:
-    """At exit: tear down the process group `DistributedDataParallel` created (unless someone already did)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    prefix = f"looplab/attempt_{attempt}/group_{_n_groups}"
+    _n_groups += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
+    return True
