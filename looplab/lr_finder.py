@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .callback import Callback, CancelFit, CancelValidate
 from .repro import get_rng_state, set_rng_state

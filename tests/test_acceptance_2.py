@@ -2,9 +2,7 @@
 
 References are hand-written loops and direct computations, never numbers looplab computed.
 """
-import math
 import os
-import random
 
 import numpy as np
 import pytest
@@ -226,7 +224,7 @@ def test_cancel_batch():
     batches = make_batches(3)
     cb = raiser("after_loss", CancelBatch, lambda l: l.training and l.iter == 1)
     model_ref = make_model()
-    ref_losses = hand_loop(model_ref, [batches[0], batches[2]], 1, 0.1, 0.0)
+    hand_loop(model_ref, [batches[0], batches[2]], 1, 0.1, 0.0)
     learn = learner(batches, opt_func=torch.optim.SGD, lr=0.1)
     learn.fit(1, cbs=[cb])
     # batch 1 was skipped after its loss: no backward, no step

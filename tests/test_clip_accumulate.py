@@ -1,7 +1,6 @@
 """GradientClip and GradientAccumulation, alone and with MixedPrecision, against hand-written loops that use
 torch's clip_grad_norm_ / clip_grad_value_ / GradScaler, and against training on the concatenated batch."""
 import math
-from functools import partial
 
 import pytest
 import torch
