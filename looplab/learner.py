@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .callback import LEVEL_EVENTS, Callback, build_table, check_callback
+from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
 from .data import DataLoaders
@@ -34,6 +35,23 @@ def _check_lr(lr: Any) -> None:
 def _as_list(cbs) -> list:
     """A lone callback, or an iterable of them, as a list."""
     return [cbs] if isinstance(cbs, Callback) else list(cbs)
+
+
+def _split(batch) -> tuple:
+    """`(xb, yb)` from a loader's batch; anything else is a TypeError naming what it got."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    what = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
+        f"a {type(batch).__name__}"
+    raise TypeError(f"a batch must be an (x, y) pair, got {what}")
+
+
+def _no_batches(dl, name: str, yielded_before: bool) -> None:
+    if yielded_before:
+        raise ValueError(f"the {name} data ({type(dl).__name__}) yielded batches in an earlier epoch and none now: "
+                         f"a single-pass iterator (e.g. a generator) was given; pass a list, a DataLoader, or an "
+                         f"object whose __iter__ starts afresh")
+    raise ValueError(f"the {name} data is empty: {type(dl).__name__} yielded no batches")
 
 
 # level -> its event names and Cancel exception, built once
@@ -63,10 +81,13 @@ class Learner(FeatureMethods):
     | train_iter ✎ | 0-based index of the current training batch over the whole fit                         |
     | device       | the device of the model's parameters; batches are moved there                          |
     | recorder     | the Recorder (always on)                                                               |
+    | exception    | in `after_fit`: the exception ending the fit (None when it ran out or was cancelled)   |
 
     A loader may have an `offset` attribute: the batch its next epoch starts at (exact resume sets it); `iter`
-    then starts from there.
+    then starts from there. `LOOP_STATE` names the per-fit entries of this table (what `lr_find` puts back).
     """
+    LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
+                  "iter", "n_iter", "train_iter", "exception")
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable,
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Callback | Iterable[Callback] = (),
@@ -86,6 +107,8 @@ class Learner(FeatureMethods):
         self.metrics, self.splitter = [metrics] if callable(metrics) else list(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
+        self.exception: BaseException | None = None
+        self._yielded: set[int] = set()  # ids of the loaders that have yielded batches (to spot one-shot iterators)
         self.cbs: list[Callback] = []
         self._table: dict = build_table(self.cbs, self)
         self.recorder = Recorder()
@@ -102,15 +125,21 @@ class Learner(FeatureMethods):
     # ---- callbacks -------------------------------------------------------------------------------------------
     def add_cb(self, cb: Callback) -> Callback:
         """Add a callback (rejecting misspelled event methods); returns it."""
-        check_callback(cb)
-        cb.learn = self
-        self.cbs.append(cb)
-        self._table = build_table(self.cbs, self)  # rebuilt only when the callbacks change
+        self.add_cbs([cb])
         return cb
 
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
-        for cb in _as_list(cbs):
-            self.add_cb(cb)
+        """Add several callbacks: all of them, or (if one is rejected) none."""
+        cbs = _as_list(cbs)
+        if not cbs:
+            return
+        for cb in cbs:
+            check_callback(cb)
+        table = build_table(self.cbs + cbs, self)  # may reject a handler's signature: nothing is attached yet
+        for cb in cbs:
+            cb.learn = self
+        self.cbs.extend(cbs)
+        self._table = table  # rebuilt only when the callbacks change
 
     def remove_cb(self, cb: Callback | type) -> None:
         """Remove a callback instance, or every callback of a class."""
@@ -129,19 +158,22 @@ class Learner(FeatureMethods):
         for handler in self._table[event]:
             handler()
 
-    def _with_events(self, body: Callable[[], None], level: str) -> None:
-        """before_X; body; on CancelX: after_cancel_X; then after_X. (The hot path: no string building here.)"""
+    def _with_events(self, body: Callable[[], None], level: str) -> bool:
+        """before_X; body; on CancelX: after_cancel_X; then after_X. False if cancelled. (The hot path.)"""
         before, after_cancel, after, cancel_exc = _LEVELS[level]
         table = self._table
+        done = True
         try:
             for handler in table[before]:
                 handler()
             body()
         except cancel_exc:
+            done = False
             for handler in table[after_cancel]:
                 handler()
         for handler in table[after]:
             handler()
+        return done
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
@@ -149,13 +181,17 @@ class Learner(FeatureMethods):
         """Train for `n_epochs`. `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
 
         `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
+        However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged.
         """
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}")
         if lr is not None:
             _check_lr(lr)
-        if hasattr(self.dls.train, "__len__") and len(self.dls.train) == 0:
-            raise ValueError("the training data is empty: it yields no batches")
+        for name, dl in (("training", self.dls.train), ("validation", self.dls.valid)):
+            if dl is not None and hasattr(dl, "__len__") and len(dl) == 0:
+                raise ValueError(f"the {name} data is empty: it yields no batches")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
         cbs = _as_list(cbs)
         if resume_from is not None:
             from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
@@ -164,9 +200,48 @@ class Learner(FeatureMethods):
         try:
             set_group_lrs(self.opt, self.lr if lr is None else lr)
             self.n_epochs, self.epoch, self.train_iter = n_epochs, 0, 0
-            self._with_events(self._do_fit, "fit")
+            self._run_fit()
         finally:
             self.remove_cbs(cbs)
+
+    def _run_fit(self) -> None:
+        """The fit level: as `_with_events`, except that `after_fit` runs however the fit ends.
+
+        An exception (any, KeyboardInterrupt included) is `self.exception` while `after_fit` runs, so every
+        callback can undo what it set up; then it propagates unchanged. A teardown handler that raises does not
+        stop the others: its error is raised after them (or, if the fit had failed already, warned about).
+        """
+        table = self._table
+        self.exception = None
+        try:
+            try:
+                for handler in table["before_fit"]:
+                    handler()
+                self._do_fit()
+            except CancelFit:
+                for handler in table["after_cancel_fit"]:
+                    handler()
+        except BaseException as exc:
+            self.exception = exc
+            self._after_fit(table)
+            raise
+        self._after_fit(table)
+
+    def _after_fit(self, table: dict) -> None:
+        errors = []
+        for handler in table["after_fit"]:
+            try:
+                handler()
+            except BaseException as e:  # noqa: B902 - every handler gets its turn; nothing is swallowed
+                errors.append(e)
+        if self.exception is not None:
+            for e in errors:
+                warnings.warn(f"after_fit raised {type(e).__name__}: {e} while tearing down a fit that failed "
+                              f"with {type(self.exception).__name__}: {self.exception}", RuntimeWarning)
+        elif errors:
+            for e in errors[1:]:
+                warnings.warn(f"after_fit also raised {type(e).__name__}: {e}", RuntimeWarning)
+            raise errors[0]
 
     def _do_fit(self) -> None:
         while self.epoch < self.n_epochs:
@@ -187,9 +262,11 @@ class Learner(FeatureMethods):
     def _run_batches(self) -> None:
         dl, device, training = self.dl, self.device, self.training
         self.model.train(training)
+        start = getattr(dl, "offset", 0)
         n_batches = 0
         with torch.set_grad_enabled(training):
-            for self.iter, (xb, yb) in enumerate(dl, getattr(dl, "offset", 0)):
+            for self.iter, batch in enumerate(dl, start):
+                xb, yb = _split(batch)
                 # already there (the common case on CPU): skip `.to`, whose argument parsing costs ~1 µs a call
                 self.xb = xb if isinstance(xb, torch.Tensor) and xb.device == device else to_device(xb, device)
                 self.yb = yb if isinstance(yb, torch.Tensor) and yb.device == device else to_device(yb, device)
@@ -197,8 +274,10 @@ class Learner(FeatureMethods):
                 n_batches += 1
                 if training:
                     self.train_iter += 1
-        if training and n_batches == 0 and self.n_iter is None:
-            raise ValueError("the training data is empty: it yielded no batches")
+        if n_batches:
+            self._yielded.add(id(dl))
+        elif self.n_iter is None or self.n_iter > start:
+            _no_batches(dl, "training" if training else "validation", id(dl) in self._yielded)
 
     def _do_batch(self) -> None:
         xb = self.xb
@@ -210,11 +289,14 @@ class Learner(FeatureMethods):
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
         self._fire("after_loss")
         if self.training:
-            self._with_events(self._do_backward, "backward")
-            self._with_events(self._do_step, "step")
+            if self._with_events(self._do_backward, "backward"):  # CancelBackward skips the step too
+                self._with_events(self._do_step, "step")
             self.opt.zero_grad()
 
     def _do_backward(self) -> None:
+        if not self.loss.requires_grad:
+            raise ValueError("the loss does not require grad: it was computed from detached tensors (or under "
+                             "torch.no_grad), so there is nothing to back-propagate")
         self.loss.backward()
 
     def _do_step(self) -> None:
@@ -226,7 +308,9 @@ class Learner(FeatureMethods):
         cbs, dl = _as_list(cbs), self.dls.valid if dl is None else dl
         if dl is None:
             raise ValueError("there is no validation data: pass dl=")
-        saved = {k: getattr(self, k, None) for k in ("dl", "training", "iter", "n_iter")}
+        if hasattr(dl, "__len__") and len(dl) == 0:
+            raise ValueError(f"dl is empty: {type(dl).__name__} of length 0 yields no batches")
+        saved = {k: getattr(self, k, None) for k in ("model", "dl", "training", "iter", "n_iter")}
         self.add_cbs(cbs)
         try:
             self._with_phase(dl, False, "validate")

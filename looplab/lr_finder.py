@@ -1,9 +1,9 @@
 """The LR range test (Smith 2015): pure suggestion rules, the LRFinder callback, LRFindResult and `lr_find`.
 
 `lr_find` runs a short trial fit with the lr growing geometrically, then puts back everything the trial touched —
-weights, train/eval modes, gradients, optimizer state and lrs, every callback's state, the loaders' position, the
-loop counters and the python / numpy / torch / CUDA RNG states — so a fit after it is bit-identical to a fit
-without it (fastai restores only weights and optimizer; its users see lr_find change later results, fastai #3013).
+weights, train/eval modes, gradients, optimizer state and lrs, the state of every callback that took part (those
+with `during_lr_find = False` sit it out untouched), the loaders' position, the loop state and the python / numpy /
+torch / CUDA RNG states — so a fit after it is bit-identical to the same fit on a fresh Learner (fastai restores only weights and optimizer; its users see lr_find change later results, fastai #3013).
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .callback import Callback, CancelFit, CancelValidate
 from .repro import get_rng_state, set_rng_state
+from .schedules import group_ratios
 from .util import unwrap_model
 
 __all__ = ["minimum", "steep", "valley", "slide", "SUGGESTIONS", "LRFinder", "LRFindResult", "lr_find"]
@@ -99,7 +101,8 @@ SUGGESTIONS = {"valley": valley, "steep": steep, "minimum": minimum, "slide": sl
 # ---- the callback ------------------------------------------------------------------------------------------------
 class LRFinder(Callback):
     """Sets the lr of training step i to `start_lr * (end_lr / start_lr) ** (i / num_it)` (the last param group's;
-    the others keep their ratio), records losses, stops after `num_it` steps or on divergence, skips validation.
+    the others keep their ratio, see `group_ratios`), records losses, stops after `num_it` steps or on
+    divergence, skips validation.
 
     Reads each loss on the host (one sync per step): deciding when to stop needs the value.
     """
@@ -110,9 +113,7 @@ class LRFinder(Callback):
         self.start_lr, self.end_lr, self.num_it, self.stop_div, self.beta = start_lr, end_lr, num_it, stop_div, beta
 
     def before_fit(self):
-        groups = self.learn.opt.param_groups
-        last = groups[-1]["lr"]
-        self.ratios = [g["lr"] / last for g in groups]
+        self.ratios = group_ratios([g["lr"] for g in self.learn.opt.param_groups])
         self.lrs, self.raw_losses, self.losses = [], [], []
         self._avg, self._best = 0.0, math.inf
 
@@ -172,9 +173,18 @@ class LRFindResult:
 
 
 # ---- lr_find: a trial fit that leaves no trace ---------------------------------------------------------------------
-_LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
-               "iter", "n_iter", "train_iter")
 _MISSING = object()
+
+
+def _to_cpu(obj):
+    """A copy of `obj` (nested dicts / lists / tuples) with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _check_lr_find_args(start_lr, end_lr, num_it) -> None:
@@ -195,18 +205,21 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
     """
     _check_lr_find_args(start_lr, end_lr, num_it)
     model = unwrap_model(learn.model)
+    cbs = list(learn.cbs)
+    trial_cbs = [cb for cb in cbs if cb.during_lr_find]
+    # Undo, not resume: a snapshot on the CPU (no second copy on the accelerator), put back as it was. Callbacks
+    # that sit the trial out are not touched at all; those in it get their own state back.
     saved = {
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "weights": _to_cpu(model.state_dict()),
         "modes": [(m, m.training) for m in model.modules()],
-        "grads": [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()],
-        "opt": copy.deepcopy(learn.opt.state_dict()),
-        "cb_states": [(cb, copy.deepcopy(cb.state_dict())) for cb in learn.cbs],
+        "grads": [(p, None if p.grad is None else _to_cpu(p.grad)) for p in model.parameters()],
+        "opt": _to_cpu(learn.opt.state_dict()),
+        "cb_states": [(cb, _to_cpu(cb.state_dict())) for cb in trial_cbs],
         "last_validation": copy.deepcopy(learn.recorder.last_validation),
         "dls": copy.deepcopy(learn.dls.state_dict()),
-        "loop": {k: getattr(learn, k, _MISSING) for k in _LOOP_STATE},
+        "loop": {k: getattr(learn, k, _MISSING) for k in learn.LOOP_STATE},
         "rng": get_rng_state(),
     }
-    cbs = list(learn.cbs)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div)
     n_train = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0
     n_epochs = math.ceil(num_it / n_train) + 1 if n_train else num_it  # enough epochs; the finder stops the fit
@@ -225,7 +238,7 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
         for m, mode in saved["modes"]:
             m.training = mode
         for p, g in saved["grads"]:
-            p.grad = g
+            p.grad = None if g is None else g.to(p.device)
         learn.opt.load_state_dict(saved["opt"])
         for cb, state in saved["cb_states"]:
             cb.load_state_dict(state)

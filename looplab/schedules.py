@@ -12,7 +12,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 __all__ = ["sched_lin", "sched_cos", "sched_exp", "sched_poly", "sched_const", "combine_scheds",
-           "cyclic_triangular", "sched_sgdr", "sgdr_schedule", "scale_for_batch"]
+           "cyclic_triangular", "sched_sgdr", "sgdr_schedule", "scale_for_batch", "group_ratios"]
 
 Schedule = Callable[[float], float]
 
@@ -134,3 +134,13 @@ def scale_for_batch(lr: float, warmup: float, base_bs: int, bs: int, rule: str =
     if rule == "sqrt":
         return lr * math.sqrt(k), warmup * k
     raise ValueError(f"rule must be 'sqrt' (LEGW) or 'linear', got {rule!r}")
+
+
+def group_ratios(bases: list[float]) -> list[float]:
+    """Each group's multiplier of the scheduled value: `base_g / base_ref`, `base_ref` being the last non-zero base.
+
+    A group whose base is 0 (e.g. `weight_decay=0` for biases and norms) stays 0; if every base is 0, every group
+    follows the schedule itself (there is no ratio to keep).
+    """
+    ref = next((b for b in reversed(bases) if b != 0), None)
+    return [1.0] * len(bases) if ref is None else [b / ref for b in bases]

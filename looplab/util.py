@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "to_device", "is_main_process"]
+__all__ = ["unwrap_model", "to_device", "is_main_process", "CopySafeHook"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -35,3 +35,24 @@ def is_main_process() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+class CopySafeHook:
+    """A module hook that stays with its module: a `deepcopy` of the module gets an inert hook, not a copy of it.
+
+    A plain bound-method hook would be deep-copied with everything its object reaches (a callback, the Learner),
+    and the model's copy (EMA, a snapshot) would then run the copied callback's code on every forward.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _inert_hook
+
+
+def _inert_hook(*args, **kwargs) -> None:
+    return None

@@ -32,15 +32,19 @@ class GradientAccumulation(Callback):
     def before_train(self):
         self._pending = False  # gradients accumulated that no step has used yet
 
-    def before_backward(self):
+    def _window(self) -> tuple[int, bool]:
+        """The size of the current micro-batch's window, and whether the window steps after it."""
         learn, n = self.learn, self.n_steps
         start = learn.iter - learn.iter % n
         size = n if learn.n_iter is None else min(n, learn.n_iter - start)
-        self._steps_now = learn.iter == start + size - 1
-        learn.loss = learn.loss / size
+        return size, learn.iter == start + size - 1
+
+    def before_backward(self):
+        self.learn.loss = self.learn.loss / self._window()[0]
 
     def after_backward(self):
-        self._pending = not self._steps_now
+        # also after a CancelBackward (whoever raised it, before or after this callback's before_backward)
+        self._pending = not self._window()[1]
         if self._pending:
             raise CancelBatch  # keep the gradients: no step, no zero_grad
 

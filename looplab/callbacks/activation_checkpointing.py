@@ -1,6 +1,7 @@
 """ActivationCheckpointing: chosen submodules recompute their activations in backward instead of storing them."""
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
@@ -25,18 +26,31 @@ def _restoring(buffers: list[torch.Tensor]):
             torch._foreach_copy_(buffers, saved)
 
 
-def _checkpointed_forward(module: nn.Module) -> Callable:
-    """`module`'s forward, run through non-reentrant `checkpoint` whenever gradients are being recorded."""
-    forward = module.forward
-    bn_buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-    options = {"context_fn": lambda: (nullcontext(), _restoring(bn_buffers))} if bn_buffers else {}
+class _CheckpointedForward:
+    """`module`'s own forward, run through non-reentrant `checkpoint` whenever gradients are being recorded.
 
-    def checkpointed(*args, **kwargs):
+    Set as the module's instance `forward` for a fit. A `deepcopy` of the module (EMA, SWA, a snapshot) gets its
+    class's plain forward bound to the copy instead: the copy runs its own weights and is not checkpointed.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        self.module, self.forward = module, forward
+        bn_buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      for b in m.buffers()]
+        self.options = {"context_fn": lambda: (nullcontext(), _restoring(bn_buffers))} if bn_buffers else {}
+
+    def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled():
             # looked up at call time (not bound at import), so a patched or profiled `checkpoint` is the one used
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
-        return forward(*args, **kwargs)  # validation, get_preds: nothing to recompute
-    return checkpointed
+            return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False, **self.options,
+                                                     **kwargs)
+        return self.forward(*args, **kwargs)  # validation, get_preds: nothing to recompute
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(id(self.module))
+        if copy is None:  # the forward alone is being copied, not its module
+            return self
+        return types.MethodType(type(copy).forward, copy)
 
 
 class ActivationCheckpointing(Callback):
@@ -47,8 +61,10 @@ class ActivationCheckpointing(Callback):
     inside one already chosen is not wrapped again. Gradients are identical (random ops such as dropout replay
     the same random numbers). `.n_wrapped` is how many modules were wrapped; matching none is a ValueError.
 
-    Wrapping sets an instance `forward` on each chosen module for the fit and removes it after: the modules, the
-    model's structure and its `state_dict` keys never change, so checkpoints written mid-fit load anywhere.
+    Wrapping sets an instance `forward` on each chosen module for the fit and removes it after, however the fit
+    ends: the modules, the model's structure and its `state_dict` keys never change, so checkpoints written mid-fit
+    load anywhere. A `deepcopy` of the model taken during the fit (EMA's average, a snapshot) runs its own weights
+    through its class's plain forward.
     Batch norm inside a wrapped module updates its running statistics once, as without checkpointing: they are
     restored after the recomputation in backward.
     """
@@ -81,7 +97,7 @@ class ActivationCheckpointing(Callback):
             if self._select(name, module):
                 chosen.append(name)
                 self._wrapped.append((module, module.__dict__.get("forward")))
-                module.forward = _checkpointed_forward(module)
+                module.forward = _CheckpointedForward(module, module.forward)
         if not chosen:
             raise ValueError(f"ActivationCheckpointing(modules={self.modules!r}) matched no submodule of "
                              f"{type(model).__name__}")

@@ -31,7 +31,8 @@ class SWA(Callback):
     cosine from its lr at that moment to `swa_lr` over `anneal_epochs` (per batch), then stays; this overrides any
     schedule (order 90, after schedulers). `None` leaves the lr alone.
 
-    At the end of fit the model holds the average, and with `update_bn` its batch-norm statistics are recomputed
+    At the end of fit (run out, or stopped by a Cancel; not one that raised) the model holds the average, and with
+    `update_bn` its batch-norm statistics are recomputed
     over the training data (`looplab.averaging.update_bn`, as torch's `swa_utils.update_bn`). That pass leaves the
     training loader's position and the torch RNG (dropout) as they were. With DDP each rank recomputes the
     statistics on its own shard.
@@ -88,6 +89,8 @@ class SWA(Callback):
 
     @torch.no_grad()
     def after_fit(self):
+        if self.learn.exception is not None:  # a fit that failed did not finish: the model keeps its weights
+            return
         if self.average is None:
             warnings.warn(f"SWA: the fit ended before epoch {self.start_epoch} (start_epoch); the model keeps its "
                           f"trained weights")
@@ -128,7 +131,8 @@ class EMA(Callback):
     `learn.opt` flags it and `after_batch` updates the average. So a step skipped by gradient accumulation or by a
     GradScaler that found infinities is not counted, and one taken by a callback itself (MixedPrecision steps
     through its scaler and then raises CancelStep) is. `validate_with_ema`: validation (loss, metrics,
-    `get_preds`) runs on the EMA model, swapped in for the phase and swapped back after it.
+    `get_preds`) runs on the EMA model, swapped in for the phase and swapped back after it (and in `after_fit`,
+    however the fit ends).
     """
     order = 10  # update before callbacks that save in after_batch
     during_lr_find = False
@@ -147,6 +151,7 @@ class EMA(Callback):
         if not hasattr(learn.opt, "register_step_post_hook"):
             raise TypeError(f"EMA needs a torch.optim.Optimizer (to see its steps), got {type(learn.opt).__name__}")
         model = unwrap_model(learn.model)
+        self._trained_model = None
         self.ema_model = copy.deepcopy(model).requires_grad_(False)
         if self._loaded is not None:
             self.ema_model.load_state_dict(self._loaded)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..callback import Callback, CancelStep
+from ..util import CopySafeHook
 
 __all__ = ["MixedPrecision"]
 
@@ -32,9 +33,14 @@ class MixedPrecision(Callback):
     the scale it had. bfloat16 needs no scaler (its `loss_scale` series is 1.0).
 
     Predictions go back to float32 in `after_pred`, before the loss and metrics. Gradients are unscaled once per
-    step in `after_backward`, so every `before_step` callback (e.g. `GradientClip`) sees true gradients; the step
-    itself is `scaler.step` + `scaler.update` in `before_step`, which then raises `CancelStep` so the loop does not
-    step again: `before_step` handlers of callbacks ordered after this one do not run.
+    step in `after_backward`, so every `before_step` callback (e.g. `GradientClip`) sees true gradients. A step
+    whose gradients hold inf/NaN is skipped by raising `CancelStep` in `before_step` (counted in `.overflows`;
+    reading that flag is the one host sync per step GradScaler's own `step` makes too); any other step is the
+    loop's own `opt.step()`, so callbacks ordered after this one get `before_step` / `after_step` as usual, and
+    `after_cancel_step` fires exactly on the skipped steps. The scale is updated in `after_step`.
+
+    The autocast hooks on the model are removed after every fit, however it ends, and a `deepcopy` of the model
+    taken during the fit (EMA, a user's snapshot) gets inert hooks, never this callback.
     """
     order = 30  # after GradientAccumulation (10) cancels micro-batches, GradientClip (20) clips; before Recorder
 
@@ -56,9 +62,9 @@ class MixedPrecision(Callback):
         self.scaler: torch.amp.GradScaler | None = None
         self._scaler_device: str | None = None
         self._loaded_scaler_state: dict | None = None  # loaded before the scaler exists; applied when it is built
-        self._overflows: int | torch.Tensor = 0  # a device tensor once training ran: counted without a host sync
+        self._overflows = 0
         self._hooks: tuple = ()
-        self._armed, self._autocast, self._unscaled = False, None, False
+        self._armed, self._autocast, self._unscaled, self._backward_cancelled = False, None, False, False
 
     # ---- what it exposes -------------------------------------------------------------------------------------
     @property
@@ -72,7 +78,7 @@ class MixedPrecision(Callback):
     @property
     def overflows(self) -> int:
         """How many optimizer steps were skipped because their gradients overflowed."""
-        return int(self._overflows)
+        return self._overflows
 
     # ---- autocast around exactly the model's forward -----------------------------------------------------------
     # Forward hooks rather than entering autocast in before_batch and leaving it in after_pred: the forward hook
@@ -98,8 +104,8 @@ class MixedPrecision(Callback):
         learn = self.learn
         self._device_type = learn.device.type
         self._remove_hooks()  # left over if an earlier fit ended with an exception
-        self._hooks = (learn.model.register_forward_pre_hook(self._enter_autocast),
-                       learn.model.register_forward_hook(self._exit_autocast, always_call=True))
+        self._hooks = (learn.model.register_forward_pre_hook(CopySafeHook(self._enter_autocast)),
+                       learn.model.register_forward_hook(CopySafeHook(self._exit_autocast), always_call=True))
         if self.dtype is torch.float16 and self._scaler_device != self._device_type:
             state = self._scaler_state()
             self.scaler = torch.amp.GradScaler(self._device_type, **self._scaler_args)
@@ -123,28 +129,33 @@ class MixedPrecision(Callback):
             learn.recorder.log("loss_scale", 1.0)
             return
         learn.loss = self.scaler.scale(learn.loss)
-        self._batch_scale = self.scaler.scale(self._one)
-        learn.recorder.log("loss_scale", self._batch_scale)
+        learn.recorder.log("loss_scale", self.scaler.scale(self._one))
+
+    def after_cancel_backward(self):
+        self._backward_cancelled = True  # no gradients were made: nothing to unscale
 
     def after_backward(self):
         # Reached only by micro-batches that step (GradientAccumulation cancels the others first).
-        if self.scaler is not None:
+        if self.scaler is not None and not self._backward_cancelled:
             self.scaler.unscale_(self.learn.opt)  # also records whether the gradients overflowed
             self._unscaled = True
+        self._backward_cancelled = False
 
     def before_step(self):
-        if self.scaler is None:
+        if not self._unscaled:
             return
-        self.scaler.step(self.learn.opt)  # skips optimizer.step() if the gradients hold inf/nan
-        self.scaler.update()
-        self._unscaled = False
-        # update() multiplies the scale by backoff_factor (< 1) exactly when the step was skipped.
-        self._overflows = self._overflows + (self.scaler.scale(self._one) < self._batch_scale).int()
-        raise CancelStep  # the step is done
+        # unscale_ recorded a found-inf flag per device: any non-zero means this step must not happen
+        found_inf = self.scaler._found_inf_per_device(self.learn.opt)
+        if sum(v.item() for v in found_inf.values()):
+            self._overflows += 1
+            raise CancelStep  # weights untouched; after_step still updates (backs off) the scale
+
+    def after_step(self):
+        self._end_unfinished_iteration()
 
     def after_batch(self):
         self._armed = False
-        self._end_unfinished_iteration()  # unscaled, but a callback ordered before this one cancelled the step
+        self._end_unfinished_iteration()  # unscaled, but the batch was cancelled before its step events
 
     def _end_unfinished_iteration(self) -> None:
         if self._unscaled:  # GradScaler refuses a second unscale_ until update() ends the iteration
@@ -153,6 +164,7 @@ class MixedPrecision(Callback):
 
     def after_fit(self):
         self._remove_hooks()
+        self._exit_autocast(None, None, None)  # a forward that raised before its hook could close it
 
     # ---- checkpointing ---------------------------------------------------------------------------------------
     def _scaler_state(self) -> dict | None:

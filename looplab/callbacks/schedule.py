@@ -10,7 +10,7 @@ from functools import partial
 from typing import Callable, Iterable
 
 from ..callback import Callback
-from ..schedules import combine_scheds, sched_const, sched_cos, sched_lin, sgdr_schedule
+from ..schedules import combine_scheds, group_ratios, sched_const, sched_cos, sched_lin, sgdr_schedule
 
 __all__ = ["ParamScheduler", "fit_one_cycle", "fit_warmup_cos", "fit_flat_cos", "fit_sgdr"]
 
@@ -37,11 +37,13 @@ def _read(group: dict, key: str, index: int | None) -> float:
     return float(group[key] if index is None else group[key][index])
 
 
+
 class ParamScheduler(Callback):
     """Sets optimizer hyper-parameters before every training batch: `ParamScheduler({"lr": f, "mom": g, "wd": h})`.
 
-    Each `f(pos)` gives the value for the last param group; the other groups keep the ratio to it they had when
-    the fit started (discriminative lrs survive scheduling). `mom` is `momentum` (SGD, RMSprop) or `betas[0]`
+    Each `f(pos)` gives the value for the last param group whose value is non-zero when the fit starts; every group
+    keeps its ratio to that group (discriminative lrs survive scheduling) and a group at 0 (`weight_decay=0` for
+    biases) stays at 0: see `group_ratios`. `mom` is `momentum` (SGD, RMSprop) or `betas[0]`
     (Adam family, Lion); `wd` is `weight_decay`; any other name is a param-group key. The values in force are
     logged to the Recorder under their names (the Recorder logs `lr` itself).
     """
@@ -64,8 +66,7 @@ class ParamScheduler(Callback):
         ratios = {}
         for name, f in self.scheds.items():
             key, index = _group_key(groups[0], name)
-            last = _read(groups[-1], key, index)
-            ratios[name] = [_read(g, key, index) / last if last != 0 else 1.0 for g in groups]
+            ratios[name] = group_ratios([_read(g, key, index) for g in groups])
             self._plan.append((name, f, key, index, name != "lr"))
         if not self._ratios_loaded:  # a resumed fit keeps the ratios it saved (exact to the bit)
             self.ratios = ratios

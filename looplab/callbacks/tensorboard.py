@@ -16,6 +16,11 @@ class TensorBoard(Callback):
     (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes.
 
     Values are written once per epoch from the Recorder's floats, so logging adds nothing to the per-step path.
+
+    Across fits with the same callback, a later fit continues the step count where the last one stopped (its
+    step 0 is written at the earlier fits' total number of steps), so no step of the run is ever written twice;
+    `step_base` is that offset, and a checkpoint carries it, so a resumed fit writes where the interrupted one
+    would have. Use a new `log_dir` (or a new TensorBoard callback) for a separate run.
     """
     order = 70  # after the Recorder has flushed its values for the epoch
     during_lr_find = False
@@ -23,17 +28,20 @@ class TensorBoard(Callback):
     def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True):
         self.log_dir, self.histograms = str(log_dir), histograms
         self.writer = None
+        self.step_base, self._next_base = 0, 0
 
     def before_fit(self):
         self.active = is_main_process()
         if self.active and self.writer is None:
             self.writer = SummaryWriter(self.log_dir)
         self.n_written: dict[str, int] = {}
+        self.step_base = self._next_base
 
     def _write_series(self, name: str, pairs) -> None:
         start = self.n_written.get(name, 0)
+        base = self.step_base
         for step, value in pairs[start:]:
-            self.writer.add_scalar(name, value, step)
+            self.writer.add_scalar(name, value, base + step)
         self.n_written[name] = len(pairs)
 
     def after_epoch(self):
@@ -45,7 +53,7 @@ class TensorBoard(Callback):
         self._write_series("lr", list(enumerate(lrs)))
         for name in rec.series_names:
             self._write_series(name, rec.series(name))
-        step = len(losses)
+        step = self.step_base + len(losses)
         for name, value in rec.history[-1].items():
             if name not in ("epoch", "train_loss", "time"):
                 self.writer.add_scalar(name, value, step)
@@ -55,12 +63,14 @@ class TensorBoard(Callback):
         self.writer.flush()
 
     def state_dict(self) -> dict:
-        return {"n_written": dict(self.n_written)}
+        return {"n_written": dict(self.n_written), "step_base": self.step_base}
 
     def load_state_dict(self, state: dict) -> None:
         self.n_written = dict(state["n_written"])
+        self.step_base = int(state.get("step_base", 0))
 
     def after_fit(self):
+        self._next_base = self.step_base + len(self.learn.recorder.losses)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
