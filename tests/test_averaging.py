@@ -179,14 +179,26 @@ def test_validate_with_ema():
 
 
 def test_states_round_trip_weights_only(tmp_path):
+    """Saved states load (weights_only) into fresh callbacks, which then hold exactly what was saved."""
     learn = learner(mlp(bn=True))
     swa, ema = SWA(start_epoch=1), EMA()
-    learn.fit(2, cbs=[swa, ema])
-    for cb in (swa, ema):
+    learn.fit(3, cbs=[swa, ema])
+    fresh_learn = learner(mlp(bn=True))
+    fresh_swa, fresh_ema = SWA(start_epoch=1), EMA()
+    fresh_learn.add_cbs([fresh_swa, fresh_ema])
+    fresh_learn.fit(2)  # both have a (different) state of their own now
+    for cb, fresh in ((swa, fresh_swa), (ema, fresh_ema)):
         torch.save(cb.state_dict(), tmp_path / "s.pt")
         state = torch.load(tmp_path / "s.pt", weights_only=True)
-        cb.load_state_dict(state)
-    assert swa.count == 1
+        before = copy.deepcopy(fresh.state_dict())
+        fresh.load_state_dict(state)
+        after, saved = fresh.state_dict(), cb.state_dict()
+        tensors = [(k, v) for k, v in (saved["average"] or {}).items()] if cb is swa else list(saved["ema"].items())
+        got = after["average"] if cb is swa else after["ema"]
+        old = before["average"] if cb is swa else before["ema"]
+        assert tensors and all(torch.equal(got[k], v) for k, v in tensors)
+        assert any(not torch.equal(old[k], v) for k, v in tensors)  # a no-op load would have kept these
+    assert fresh_swa.count == swa.count == 2 and fresh_swa.average is not None
 
 
 def test_resume_mid_run_is_exact(tmp_path):
