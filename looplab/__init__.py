@@ -8,6 +8,7 @@ from .callbacks import (EMA, SWA, ActivationCheckpointing, Checkpoint, CutMix, E
 from .data import DataLoaders
 from .learner import Learner
 from .lr_finder import LRFinder, LRFindResult
+from .metrics import AUROC, F1Score
 from .optim import Lion
 from .repro import get_rng_state, set_rng_state, set_seed
 
@@ -18,4 +19,4 @@ __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "C
            "MixedPrecision", "GradientClip", "GradientAccumulation", "ActivationCheckpointing",
            "MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last",
            "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN",
-           "Checkpoint", "Resume", "set_seed", "get_rng_state", "set_rng_state"]
+           "Checkpoint", "Resume", "F1Score", "AUROC", "set_seed", "get_rng_state", "set_rng_state"]

@@ -2,14 +2,32 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..callback import Callback
+from ..metrics import check_metrics, is_metric_object, metric_name
 
 __all__ = ["Recorder"]
+
+
+def _as_scalar(metric, value, device: torch.device) -> torch.Tensor:
+    """A metric's value as a 0-dim float32 tensor on `device`; a clear error for anything but a number or a
+    one-element tensor (metadata checks only: no host sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {metric_name(metric)!r} must return a number or a one-element tensor, got a "
+                             f"tensor of shape {tuple(value.shape)}")
+        if value.ndim:
+            value = value.reshape(())
+        return value.to(device=device, dtype=torch.float32)  # no copy when it is already so
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device)
+    raise ValueError(f"metric {metric_name(metric)!r} must return a number or a one-element tensor, got {value!r}")
 
 
 def _batch_size(learn) -> int:
@@ -28,17 +46,28 @@ class Recorder(Callback):
     floats in one batch at the end of each epoch or when read, so recording costs no host sync per step; CPU
     tensors are read at once (no sync there). What it exposes and saves is plain floats, never tensors or graphs.
 
-    Validation sums `loss * n` and `metric * n` on the device in `valid_totals` (with `valid_count` samples), so
-    `valid_loss` and the metrics are exact per-sample means; a distributed callback may all-reduce both before
-    `after_validate`.
+    Validation (one host sync per phase): the loss and every metric function's value are summed, times the batch
+    size, on the device, so `valid_loss` and those metrics are per-sample means over the whole set; a metric
+    object (`update` / `compute` / `reset`, see `looplab.metrics`) is reset in `before_validate`, updated with
+    every batch and computed once in `after_validate`. A metric must give a number or a one-element tensor.
+
+    `reduce_valid_sums` is the channel for data-parallel training: a function (or None) that a distributed callback
+    may set for the duration of a fit. At the end of each validation phase the Recorder passes it a float64 tensor
+    of this process's sums, `[loss·n, f·n for each metric function f, n]` (zeros if the process saw no batch), on
+    `learn.device`, and takes what it returns (the sums over all processes) in its place. Metric objects combine
+    their own state across processes in `compute()`.
     """
     order = 50  # after callbacks that replace the loss in after_loss
 
     def __init__(self):
         self._reset()
         self.last_validation: dict[str, float] = {}
-        self.valid_totals: torch.Tensor | None = None  # sums of this validation phase, consumed by after_validate
-        self.valid_count = 0
+        self.reduce_valid_sums: Callable[[torch.Tensor], torch.Tensor] | None = None  # see the class docstring
+        self._valid_sums: torch.Tensor | None = None  # this phase's sums: loss·n, then each function's value·n
+        self._valid_count = 0
+        self._metrics: list = []  # this phase's metrics; of them, the functions and the metric objects
+        self._functions: list = []
+        self._objects: list = []
 
     def _reset(self) -> None:
         self._losses: list[Any] = []
@@ -109,7 +138,15 @@ class Recorder(Callback):
             self.epoch_start = len(self._losses)
 
     def before_validate(self):
-        self.valid_totals, self.valid_count = None, 0
+        learn = self.learn
+        self._metrics = metrics = check_metrics(learn.metrics)
+        self._functions = [m for m in metrics if not is_metric_object(m)]
+        self._objects = [m for m in metrics if is_metric_object(m)]
+        for m in self._objects:
+            if isinstance(m, nn.Module):  # torchmetrics keeps its state in the module: on the batches' device
+                m.to(learn.device)
+            m.reset()
+        self._valid_sums, self._valid_count = None, 0
 
     def after_loss(self):
         learn = self.learn
@@ -122,19 +159,31 @@ class Recorder(Callback):
             return
         n = _batch_size(learn)
         loss = learn.loss.detach().float()
-        values = [loss, *(torch.as_tensor(m(learn.pred, learn.yb), dtype=torch.float32, device=loss.device)
-                          for m in learn.metrics)]
-        totals = torch.stack(values) * n
-        self.valid_totals = totals if self.valid_totals is None else self.valid_totals + totals
-        self.valid_count += n
+        pred, yb = learn.pred, learn.yb
+        values = [loss, *(_as_scalar(m, m(pred, yb), loss.device) for m in self._functions)]
+        for m in self._objects:
+            m.update(pred, yb)
+        sums = torch.stack(values) * n
+        self._valid_sums = sums if self._valid_sums is None else self._valid_sums + sums
+        self._valid_count += n
 
     def after_validate(self):
-        if self.valid_totals is None:  # no validation batch ran
+        learn = self.learn
+        sums, count = self._valid_sums, self._valid_count
+        self._valid_sums, self._valid_count = None, 0
+        if self.reduce_valid_sums is not None:
+            mine = (torch.zeros(len(self._functions) + 2, dtype=torch.float64, device=learn.device) if sums is None
+                    else torch.cat([sums.double(), sums.new_tensor([count], dtype=torch.float64)]))
+            reduced = self.reduce_valid_sums(mine)
+            sums, count = reduced[:-1], int(reduced[-1].item())
+        if count == 0:  # no validation batch ran (in any process)
             return
-        means = (self.valid_totals / self.valid_count).tolist()
-        self.valid_totals, self.valid_count = None, 0
-        names = ["valid_loss", *(getattr(m, "__name__", type(m).__name__) for m in self.learn.metrics)]
-        self.last_validation = dict(zip(names, means))
+        means = iter((sums / count).float())
+        loss = next(means)
+        values = [loss, *(_as_scalar(m, m.compute(), loss.device) if is_metric_object(m) else next(means)
+                          for m in self._metrics)]
+        names = ["valid_loss", *map(metric_name, self._metrics)]
+        self.last_validation = dict(zip(names, torch.stack(values).tolist()))
 
     def after_epoch(self):
         self.flush()
