@@ -2,8 +2,8 @@
 
 `python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_script.py MODE OUT`; every rank works
 in OUT/rank{r} (so any file a rank writes lands there) and writes its results to OUT/{name}_rank{r}.pt.
-MODE: `train` (data-parallel run with a progress bar, TensorBoard and SaveBest, then a checkpointed run with
-dropout), `elastic` (the
+MODE: `train` (data-parallel run with a progress bar, TensorBoard, SaveBest and whole-set metrics, ours and
+torchmetrics', then a checkpointed run with dropout), `elastic` (the
 checkpointed run, with rank 1 dying at step 5 of the first attempt; restarts resume), `raise` (rank 1 raises).
 """
 import os
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplab import Callback, DataLoaders, Learner, SaveBest, TensorBoard
+from looplab import AUROC, Callback, DataLoaders, F1Score, Learner, SaveBest, TensorBoard
 
 N_TRAIN, N_VALID, N_IN, N_OUT = 161, 75, 8, 3  # 161 = 64 + 64 + 33: an uneven last batch on 2 ranks
 KILL_STEP = 5
@@ -70,8 +70,10 @@ def main(mode: str, out: Path) -> None:
     os.chdir(workdir)
     if mode == "train":
         torch.manual_seed(100 + rank)  # different inits: DDP must broadcast rank 0's
+        from torchmetrics.classification import MulticlassF1Score
+        metrics = [accuracy, F1Score(), AUROC(), MulticlassF1Score(num_classes=N_OUT, validate_args=False)]
         learn = Learner(make_model(), make_data(32), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1,
-                        metrics=[accuracy], cbs=[TensorBoard("runs"), SaveBest("best.pt")])
+                        metrics=metrics, cbs=[TensorBoard("runs"), SaveBest("best.pt")])
         learn.fit(1)
         learn.fit(1)  # a second fit: the group is created again, the model wrapped again
         found = learn.lr_find(num_it=30)  # its stop rule reads the loss: the ranks must stop together

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score, roc_auc_score
 
 from looplab import Callback, Learner
 from looplab.callbacks.distributed import DistributedDataParallel
@@ -77,11 +78,15 @@ def test_valid_loss_and_metrics_are_the_full_dataset_values_on_every_rank(traine
     weights = load(trained / "equiv_rank0.pt")["weights"]
     model = make_model()
     model.load_state_dict(weights)
-    valid = make_data(64).valid  # 75 samples: each rank validated its share (32 + 5 and 32 + 6)
+    valid = make_data(64).valid  # 75 samples: each rank validated its share (32 + 5 and 32 + 6); the metric
+    #                              objects (ours and torchmetrics') combined their state across the ranks
     x, y = valid.xs[0], valid.y
     with torch.no_grad():
         pred = model(x)
-    expected = {"valid_loss": F.cross_entropy(pred, y).item(), "accuracy": accuracy(pred, y).item()}
+    expected = {"valid_loss": F.cross_entropy(pred, y).item(), "accuracy": accuracy(pred, y).item(),
+                "F1Score": f1_score(y, pred.argmax(1), average="macro"),
+                "MulticlassF1Score": f1_score(y, pred.argmax(1), average="macro"),
+                "AUROC": roc_auc_score(y, pred.softmax(1), multi_class="ovr")}
     for rank in (0, 1):
         result = load(trained / f"equiv_rank{rank}.pt")
         for key, value in expected.items():
@@ -202,8 +207,76 @@ def test_wraps_once_during_fit_and_gives_the_module_back(user_group):
     learn.fit(1, cbs=[mine, see])
     assert set(see.seen) == {(torch.nn.parallel.DistributedDataParallel, 2**20)}  # the configured one, once
     assert learn.model is model and torch.distributed.is_initialized()  # the user's group is kept
+    assert learn.recorder.reduce_valid_sums is None
     with pytest.raises(RuntimeError, match="fit failed"):
         learn.fit(1, cbs=[_SeeModel(fail=True)])
-    assert isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)  # after_fit did not run
-    learn.fit(1)  # the next fit undoes the failed one first
+    assert learn.model is model and len(dls.train) == 4  # after_fit ran: module back, loaders whole
+    assert torch.distributed.is_initialized()  # and the user's group is still the user's
+    learn.fit(1)
     assert learn.model is model and len(dls.train) == 4
+
+
+def test_a_model_the_user_wrapped_is_not_wrapped_again(user_group):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    dls = DataLoaders.from_tensors(torch.randn(16, 2), torch.randn(16, 1), bs=4, valid_pct=0.25)
+    learn = Learner(wrapped, dls, F.mse_loss, opt_func=torch.optim.SGD, lr=0.1, progress=False,
+                    cbs=[DistributedDataParallel()])
+    models = []
+
+    class SeeModel(Callback):
+        def after_batch(self):
+            models.append(self.learn.model)
+
+    before = model.weight.detach().clone()
+    learn.fit(2, cbs=[SeeModel()])
+    assert models and all(m is wrapped for m in models)  # the user's wrapper itself, not a wrapper of it
+    assert learn.model is wrapped  # after the fit: the object the user gave
+    assert not torch.equal(model.weight, before)  # and it trained
+    with pytest.raises(RuntimeError, match="fit failed"):
+        learn.fit(1, cbs=[_SeeModel(fail=True)])
+    assert learn.model is wrapped
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    """torchrun's environment for one process, so that the callback creates (and owns) the process group."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("fit failed"), KeyboardInterrupt()])
+def test_a_fit_that_raises_is_undone_without_a_barrier(torchrun_env, monkeypatch, error):
+    """The other ranks may be stuck in a collective: a barrier would hang. The group this callback created is
+    dropped locally, the model and the loaders are given back, and the next fit works."""
+    barriers = []
+    real_barrier = torch.distributed.barrier
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k)))
+    model = torch.nn.Linear(2, 1)
+    dls = DataLoaders.from_tensors(torch.randn(16, 2), torch.randn(16, 1), bs=4, valid_pct=0.25)
+    learn = Learner(model, dls, F.mse_loss, progress=False, cbs=[DistributedDataParallel()])
+    sharded = []
+
+    class Fail(Callback):
+        def after_batch(self):
+            sharded.append((type(self.learn.model), self.learn.dls.train.world_size))
+            raise error
+
+    with pytest.raises(type(error)) as raised:
+        learn.fit(1, cbs=[Fail()])
+    assert raised.value is error
+    assert sharded == [(torch.nn.parallel.DistributedDataParallel, 1)]
+    assert learn.model is model and learn.recorder.reduce_valid_sums is None
+    assert barriers == [] and not torch.distributed.is_initialized()  # dropped, without waiting for anyone
+    learn.fit(1)  # a new group, and on success the usual barrier before tearing it down
+    assert learn.model is model and barriers == [1] and not torch.distributed.is_initialized()

@@ -9,13 +9,13 @@ global batch's mean loss.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 from ..callback import Callback
-from ..util import unwrap_model
 
 __all__ = ["DistributedDataParallel"]
 
@@ -28,13 +28,17 @@ class DistributedDataParallel(Callback):
       group gets store keys of its own, so creating one per fit is safe (a new group reading an old one's keys can
       hang: pytorch/pytorch#55967, #119196). Between fits `looplab.util.is_main_process()` falls back to torchrun's
       `RANK`. With nccl each process trains on `cuda:LOCAL_RANK` and the model is moved there.
-    - `learn.model` is the DDP wrapper during the fit and the user's module again after it (`learn.save` and
-      `Checkpoint` unwrap it). If the fit raises, `after_fit` does not run: the model stays wrapped (the job is
-      going down anyway; `looplab.util.unwrap_model` gives the module) and the next fit wraps it afresh.
+    - `learn.model` is the DDP wrapper during the fit (`learn.save` and `Checkpoint` unwrap it) and, after it,
+      however the fit ended, the very object the user gave. A model the user wrapped in torch's
+      `DistributedDataParallel` already is used as it is (not wrapped twice; `ddp_kwargs` then go unused).
+    - When the fit raised (`learn.exception`), `after_fit` still gives the model back and unshards the loaders,
+      but calls no barrier: the other processes may be stuck in a collective, and waiting for them would hang.
+      A group it created is then torn down locally (see `_drop_group`).
     - Data: the loaders must be looplab's (`DataLoaders.from_tensors` / `from_datasets`). Training gives every rank
       the same number of batches (a last global batch with fewer samples than ranks is dropped); validation uses
-      every sample once, and `valid_loss` and the metrics are summed across ranks before the Recorder averages
-      them, so they are the full-dataset values on every rank (EarlyStopping & co. decide alike everywhere).
+      every sample once. `valid_loss` and the metric functions' sums are all-reduced through the Recorder's
+      documented `reduce_valid_sums` channel, and metric objects (`F1Score`, torchmetrics) combine their own
+      state in `compute()`, so every rank gets the full dataset's values (EarlyStopping & co. decide alike).
     - The training loss's value is made the global batch's (one scalar all-reduce per step) while its gradient
       stays this rank's, so the Recorder, the progress bar, `lr_find`, TerminateOnNaN and anything deciding on
       `train_loss` see the one-process value on every rank, and decide alike (a rank that stopped alone would
@@ -52,21 +56,22 @@ class DistributedDataParallel(Callback):
     """
     order = -100  # before_fit: the group must exist, and the model be on its device, before any other callback
     #               looks (is_main_process(), learn.device); after_loss: the global loss before the Recorder (50)
-    #               records it; after_validate: the sums reduced before the Recorder turns them into means
+    #               records it
 
     def __init__(self, **ddp_kwargs):
         self.ddp_kwargs = ddp_kwargs
-        self.active, self.tail_iter, self.created_group = False, None, False
+        self.active, self.tail_iter, self.created_group, self.users_model = False, None, False, None
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def before_fit(self):
         learn = self.learn
-        if self.active:  # the last fit raised, so its after_fit never ran: undo it first
-            self.after_fit()
+        if self.active:  # a fit raised and its after_fit never ran (a core without `learn.exception`): undo it
+            self._teardown(failed=True)
         candidates = [cb for cb in learn.cbs if isinstance(cb, DistributedDataParallel)]
         self.active = next((cb for cb in candidates if cb.ddp_kwargs), candidates[0]) is self
         if not self.active:
             return
+        self.users_model = learn.model  # first: whatever fails below, after_fit gives this back
         for dl in (learn.dls.train, learn.dls.valid):
             if dl is not None and not hasattr(dl, "set_distributed"):
                 raise TypeError(f"distributed training needs looplab's loaders (DataLoaders.from_tensors or "
@@ -82,17 +87,22 @@ class DistributedDataParallel(Callback):
                 torch.cuda.set_device(local_rank)  # before init: nccl binds each process to its GPU
             self.created_group = _init_group(backend)
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        model = unwrap_model(learn.model)
-        device_ids = None
+        learn.dls.train.set_distributed(rank, world_size, even=True)
+        if learn.dls.valid is not None:
+            learn.dls.valid.set_distributed(rank, world_size, even=False)
+        self._plan_tail(learn.dls.train, rank, world_size)
+        learn.recorder.reduce_valid_sums = self._reduce_valid_sums
+        if isinstance(learn.model, TorchDDP):  # the user wrapped it: their wrapper, their device placement
+            if self.ddp_kwargs:
+                warnings.warn(f"the model is already a torch DistributedDataParallel: {self.ddp_kwargs} go unused",
+                              stacklevel=2)
+            return
+        model, device_ids = learn.model, None
         if dist.get_backend() == "nccl":  # one process per GPU
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
             model.to(device)  # in place: the optimizer keeps the same parameters
             device_ids = [device.index]
-        learn.dls.train.set_distributed(rank, world_size, even=True)
-        if learn.dls.valid is not None:
-            learn.dls.valid.set_distributed(rank, world_size, even=False)
-        self._plan_tail(learn.dls.train, rank, world_size)
         learn.model = TorchDDP(model, device_ids=device_ids, **self.ddp_kwargs)  # broadcasts rank 0's weights
 
     def _plan_tail(self, dl, rank: int, world_size: int) -> None:
@@ -124,32 +134,59 @@ class DistributedDataParallel(Callback):
         if weight != 1.0:
             self.learn.loss = self.learn.loss * weight
 
-    def after_validate(self):
-        learn = self.learn
-        if not self.active or getattr(learn.dl, "world_size", 1) == 1:  # not a sharded loader
-            return
-        rec = learn.recorder
-        totals = rec.valid_totals
-        if totals is None:  # this rank had no batch; the others may have had some
-            totals = torch.zeros(1 + len(learn.metrics), device=learn.device)
-        both = torch.cat([totals.double(), totals.new_tensor([rec.valid_count], dtype=torch.float64)])
-        dist.all_reduce(both)
-        count = int(both[-1].item())
-        rec.valid_totals, rec.valid_count = (both[:-1].to(totals.dtype), count) if count else (None, 0)
+    def _reduce_valid_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """The Recorder's `reduce_valid_sums` channel: this rank's validation sums -> every rank's, added up."""
+        if getattr(self.learn.dl, "world_size", 1) == 1:  # not a sharded loader (e.g. a plain list to validate())
+            return sums
+        dist.all_reduce(sums)
+        return sums
 
     def after_fit(self):
-        """Give the user's module back, unshard the loaders, and tear down the process group if this fit made it."""
-        if not self.active:
-            return
+        """Give the user's model back, unshard the loaders, and tear down the process group if this fit made it."""
+        if self.active:
+            self._teardown(failed=getattr(self.learn, "exception", None) is not None)
+
+    def _teardown(self, failed: bool) -> None:
+        """Undo `before_fit`, also a part of it: the local undo first, then the group (which may raise)."""
         learn = self.learn
-        learn.model = unwrap_model(learn.model)
+        if self.users_model is not None:
+            learn.model = self.users_model
         for dl in (learn.dls.train, learn.dls.valid):
-            if dl is not None:
+            if dl is not None and hasattr(dl, "set_distributed"):
                 dl.set_distributed(0, 1)
-        if self.created_group and dist.is_initialized():  # ours: tear it down (a user's group is kept)
+        if learn.recorder.reduce_valid_sums == self._reduce_valid_sums:
+            learn.recorder.reduce_valid_sums = None
+        created = self.created_group
+        self.active, self.tail_iter, self.created_group, self.users_model = False, None, False, None
+        if not (created and dist.is_initialized()):  # a user's group is kept
+            return
+        if failed:
+            _drop_group()
+            return
+        try:
             dist.barrier()  # no rank leaves while another still needs the group
-            dist.destroy_process_group()
-        self.active, self.tail_iter, self.created_group = False, None, False
+        except BaseException:
+            _drop_group()
+            raise
+        dist.destroy_process_group()
+
+
+def _drop_group() -> None:
+    """Tear down this process's default group without waiting for the other processes.
+
+    After a failure the others may be stuck in a collective that this process will never join: a barrier (or a
+    graceful nccl shutdown, which waits for pending collectives) would hang. Leaving the group would not hang
+    either, but the next fit in this process would then take the stale group for a user's. So: nccl is aborted
+    (`ncclCommAbort` returns without waiting); gloo's destroy is local (it closes this process's connections,
+    which makes peers blocked on it fail at once instead of at their timeout, and waits only for this process's
+    own queued work — none by the time an exception reaches the loop: looplab's collectives are waited on where
+    they are issued, and DDP waits for its gradient all-reduces within backward).
+    """
+    c10d = dist.distributed_c10d
+    if dist.get_backend() == "nccl" and hasattr(c10d, "_abort_process_group"):
+        c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 _n_groups = 0  # process groups this process created: each gets store keys of its own
