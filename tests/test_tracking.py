@@ -90,7 +90,7 @@ def test_save_best_writes_the_best_model(tmp_path):
     save_best = SaveBest(path)
     learn.fit(len(values), cbs=[script, save_best])
     saved = torch.load(path, weights_only=True)  # plain data, the learn.save format
-    assert set(saved) == {"model", "opt"}
+    assert {"model", "opt"} <= set(saved)
     for k, v in script.weights[3].items():  # epoch 3 had the lowest valid_loss
         assert torch.equal(saved["model"][k], v)
     assert (save_best.best, save_best.best_epoch) == (0.5, 3)

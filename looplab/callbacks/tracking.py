@@ -1,30 +1,89 @@
 """Training control from the recorded values: EarlyStopping, SaveBest, ReduceLROnPlateau; and TerminateOnNaN.
 
 The monitored value is any key of the Recorder's last history row (`train_loss`, `valid_loss`, every metric),
-read in `after_epoch` after the Recorder (order 50) has written that row. `mode="auto"` minimises names containing
-"loss" or "error" and maximises the rest. Counters and best values are in each callback's `state_dict()`, so a
-resumed run continues them; a fresh fit starts them afresh.
+read in `after_epoch` after the Recorder (order 50) has written that row. `mode="auto"` takes the direction a metric
+object of that name declares (`higher_is_better`, as torchmetrics' have), else reads it from the name
+(`name_direction`), else is a ValueError asking for `mode=`: resolved in `before_fit`, before any training.
+Counters and best values are in each callback's `state_dict()`, so a resumed run continues them; a fresh fit
+starts them afresh.
 """
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
 
 from ..callback import Callback, CancelFit
+from ..metrics import metric_name
 from ..util import is_main_process
 
-__all__ = ["EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "resolve_mode"]
+__all__ = ["EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "resolve_mode", "name_direction"]
+
+# Words of a monitored name that say which way is better (whole tokens, lower case; see `name_tokens`).
+LOWER_IS_BETTER = frozenset({
+    "loss", "losses", "error", "errors", "err", "mse", "mae", "rmse", "msle", "rmsle", "mape", "smape", "wape", "nll",
+    "ce", "xent", "crossentropy", "perplexity", "ppl", "bpb", "bpc", "bpd", "wer", "cer", "ter", "kl", "kld",
+    "divergence", "distance", "hamming", "brier", "hinge", "eer", "fpr", "fnr", "fid", "regret"})
+HIGHER_IS_BETTER = frozenset({
+    "accuracy", "acc", "f1", "f2", "fbeta", "auc", "auroc", "roc", "ap", "map", "precision", "prec", "recall",
+    "sensitivity", "specificity", "iou", "miou", "jaccard", "dice", "bleu", "rouge", "meteor", "chrf", "r2", "psnr",
+    "ssim", "mcc", "kappa", "ndcg", "mrr", "pearson", "spearman"})
 
 
-def resolve_mode(monitor: str, mode: str) -> str:
-    """"min" or "max"; "auto" is "min" for names containing "loss" or "error", else "max"."""
-    if mode == "auto":
-        return "min" if ("loss" in monitor or "error" in monitor) else "max"
-    if mode not in ("min", "max"):
+def name_tokens(name: str) -> list[str]:
+    """The lower-case words of a name: split at non-alphanumerics and camel-case humps ("MulticlassF1Score" ->
+    multiclass, f1, score; "valid_loss" -> valid, loss; "BinaryAUROC" -> binary, auroc)."""
+    return [w.lower() for part in re.split(r"[^A-Za-z0-9]+", name)
+            for w in re.findall(r"[A-Z]+[0-9]*(?![a-z])|[A-Z]?[a-z]+[0-9]*|[0-9]+", part)]
+
+
+def _direction_of(word: str) -> str | None:
+    for w in (word, word.rstrip("0123456789")):  # "bleu4", "rouge1": the word without its number
+        if w in LOWER_IS_BETTER:
+            return "min"
+        if w in HIGHER_IS_BETTER:
+            return "max"
+    return None
+
+
+def name_direction(name: str) -> str | None:
+    """"min" for loss- and error-like names, "max" for score-like ones, None if the name does not say.
+
+    The whole name (lower-cased) is looked up first, then its words (`name_tokens`) and runs of up to three words
+    joined ("MeanIoU" -> mean, io, u -> "iou"), from the last word back: of several telling words the last decides,
+    as the head of an English compound does ("dice_loss" is a loss, "error_rate" an error).
+    """
+    words = name_tokens(name)
+    candidates = [name.lower(), *("".join(words[start:end + 1]) for end in reversed(range(len(words)))
+                                  for start in range(end, max(end - 3, -1), -1))]
+    return next((d for d in map(_direction_of, candidates) if d is not None), None)
+
+
+def resolve_mode(monitor: str, mode: str, higher_is_better: bool | None = None) -> str:
+    """"min" or "max". "auto": as `higher_is_better` says when it is given (a metric object's declaration), else
+    as the name says (`name_direction`); a name that does not say is a ValueError asking for `mode=`."""
+    if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    return mode
+    if mode != "auto":
+        return mode
+    if higher_is_better is not None:
+        return "max" if higher_is_better else "min"
+    direction = name_direction(monitor)
+    if direction is None:
+        raise ValueError(f"mode='auto' cannot tell whether {monitor!r} is better higher or lower: pass mode='min' or "
+                         f"mode='max' (or give the metric a `higher_is_better` attribute)")
+    return direction
+
+
+def _declared_direction(metrics, monitor: str) -> bool | None:
+    """The `higher_is_better` a metric named `monitor` declares, or None."""
+    for m in metrics:
+        declared = getattr(m, "higher_is_better", None)
+        if declared is not None and metric_name(m) == monitor:
+            return bool(declared)
+    return None
 
 
 def _check_number(name: str, value, low: float, strict: bool = False) -> None:
@@ -39,6 +98,9 @@ class _Tracker(Callback):
     `_sync()` reads each new history row once, whoever asks first: the callback's own `after_epoch`, or a
     Checkpoint calling `state_dict()` earlier in the same `after_epoch`, so a checkpoint always holds counters that
     include its epoch. A fit starts the counters afresh (Resume then loads saved ones).
+
+    `mode` is "min" or "max" once known: at construction when the name says (or `mode=` does), else in
+    `before_fit`, where `mode="auto"` is resolved against the Learner's metrics (see the module docstring).
     """
     order = 55  # after the Recorder (50) has appended this epoch's history row
 
@@ -46,10 +108,19 @@ class _Tracker(Callback):
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a recorded value's name, got {monitor!r}")
         _check_number("min_delta", min_delta, 0.0)
-        self.monitor, self.mode, self.min_delta = monitor, resolve_mode(monitor, mode), float(min_delta)
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor, self.requested_mode, self.min_delta = monitor, mode, float(min_delta)
+        self.mode: str | None = mode if mode != "auto" else name_direction(monitor)
         self.before_fit()
 
     def before_fit(self):
+        if self.learn is not None and self.requested_mode == "auto":  # the metrics are known now
+            declared = _declared_direction(self.learn.metrics, self.monitor)
+            try:
+                self.mode = resolve_mode(self.monitor, "auto", declared)
+            except ValueError as e:
+                raise ValueError(f"{self.name}: {e}") from None
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.wait = 0  # epochs since the last improvement
