@@ -1,28 +1,121 @@
 """Small helpers the core and callbacks share."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "to_device", "is_main_process", "CopySafeHook"]
+__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "is_main_process",
+           "CopySafeHook"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The user's module inside DistributedDataParallel and `torch.compile` wrappers (or the module itself).
+
+    So `state_dict` keys are always the plain module's (no `module.` or `_orig_mod.` prefixes).
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper (checked by name: importing dynamo is slow)
+        else:
+            return model
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], obj):
+    """`obj` with `fn` applied to every tensor in it, through tuples (named ones too), lists, mappings and
+    dataclasses, each rebuilt as its own type where it can be (a `ModelOutput` stays a `ModelOutput`)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        items = [tree_map(fn, o) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items) if type(obj) is tuple else type(obj)(items)
+    if isinstance(obj, list):
+        return [tree_map(fn, o) for o in obj]
+    if isinstance(obj, Mapping):
+        return _rebuild(obj, {k: tree_map(fn, v) for k, v in obj.items()})
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: tree_map(fn, getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _rebuild(mapping: Mapping, items: dict):
+    """A mapping of `mapping`'s type holding `items` (a plain dict when the type cannot be rebuilt)."""
+    cls = type(mapping)
+    if cls is dict:
+        return items
+    try:  # dataclass mappings (transformers' ModelOutput) take fields as keywords; dict-likes take a mapping
+        return cls(**items) if dataclasses.is_dataclass(cls) else cls(items)
+    except TypeError:
+        return items
 
 
 def to_device(b, device: torch.device):
-    """Move a tensor, or the tensors in a tuple / list / dict, to `device`."""
+    """Move the tensors in `b` (a tensor, or nested tuples / lists / mappings / dataclasses) to `device`.
+
+    Container types are kept; a list of inputs becomes a tuple: the loop calls `model(*xb)` on tuples.
+    """
     if isinstance(b, torch.Tensor):
         return b.to(device, non_blocking=True)
-    if isinstance(b, (tuple, list)):  # a list of inputs becomes a tuple: the loop calls model(*xb) on tuples
-        return tuple(to_device(t, device) for t in b)
-    if isinstance(b, dict):
-        return {k: to_device(v, device) for k, v in b.items()}
-    return b
+    moved = tree_map(lambda t: t.to(device, non_blocking=True), b)
+    return tuple(moved) if isinstance(moved, list) else moved
+
+
+def batch_on(batch, device: torch.device) -> tuple[Any, Any]:
+    """`(xb, yb)` of a loader's batch, on `device`: an `(x, y)` pair, or a mapping of model inputs whose
+    `"labels"` entry (if any) is `yb`. Anything else is a TypeError naming what it got."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        xb, yb = batch
+        # already there (the common case on CPU): skip `.to`, whose argument parsing costs ~1 µs a call
+        return (xb if isinstance(xb, torch.Tensor) and xb.device == device else to_device(xb, device),
+                yb if isinstance(yb, torch.Tensor) and yb.device == device else to_device(yb, device))
+    if isinstance(batch, Mapping):
+        xb = to_device(batch, device)
+        return xb, xb.get("labels")
+    what = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
+        f"a {type(batch).__name__}"
+    raise TypeError(f"a batch must be an (x, y) pair (x a tensor or a tuple of tensors) or a mapping of model "
+                    f"inputs (e.g. a dict with 'input_ids' and 'labels'), got {what}")
+
+
+def output_loss(pred) -> torch.Tensor:
+    """The loss a model computed itself: its output's `loss` attribute or key (used when `loss_func=None`)."""
+    loss = pred.get("loss") if isinstance(pred, Mapping) else getattr(pred, "loss", None)
+    if loss is None:
+        raise ValueError(f"loss_func=None needs a model that returns its loss (an output with a 'loss' attribute "
+                         f"or key, e.g. a transformers model given labels); the model returned a "
+                         f"{type(pred).__name__} without one")
+    return loss
+
+
+def cat_batches(parts: list):
+    """Batches of predictions or targets joined along the batch dimension, keeping their structure: tensors give
+    a tensor, tuples a tuple, mappings / dataclasses (`ModelOutput`) a dict of their non-scalar tensors."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        joined = [cat_batches([p[i] for p in parts]) for i in range(len(first))]
+        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+    if dataclasses.is_dataclass(first) and not isinstance(first, Mapping):
+        first, parts = vars(first), [vars(p) for p in parts]
+    if isinstance(first, Mapping):
+        return {k: cat_batches([p[k] for p in parts]) for k, v in first.items()
+                if isinstance(v, torch.Tensor) and v.ndim > 0}
+    raise TypeError(f"cannot join batches of {type(first).__name__}")
+
+
+def detached(obj):
+    """`obj` with every tensor in it detached."""
+    return obj.detach() if isinstance(obj, torch.Tensor) else tree_map(torch.Tensor.detach, obj)
 
 
 def is_main_process() -> bool:

@@ -5,6 +5,7 @@ from .activation_checkpointing import ActivationCheckpointing
 from .averaging import EMA, SWA
 from .checkpoint import Checkpoint, Resume
 from .clip import GradientClip
+from .compile import Compile
 from .distributed import DistributedDataParallel  # looplab's callback (wraps torch's class of that name)
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
@@ -16,4 +17,4 @@ from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 
 __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
-           "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel"]
+           "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel", "Compile"]

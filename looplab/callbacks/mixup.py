@@ -6,6 +6,7 @@ its seed and resumes exactly when the RNG state is restored. Only training batch
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -30,7 +31,10 @@ def _permute(yb, perm: torch.Tensor):
 
 
 class _Mix(Callback):
-    """Shared by MixUp and CutMix: `before_batch` mixes the inputs (the first of several), `after_loss` mixes the loss.
+    """Shared by MixUp and CutMix: `before_batch` mixes the inputs, `after_loss` mixes the loss.
+
+    The input mixed is the batch's tensor `x`, the first of several (or `xb[key]`), or `xb[key]` of a mapping batch
+    (`key=` is then required, e.g. "pixel_values"). A `loss_func` is required (checked when the fit starts).
 
     The loss becomes `λ·loss_func(pred, y_a) + (1−λ)·loss_func(pred, y_b)` with the Learner's own `loss_func`, so any
     loss works (no one-hot targets). The loop has already computed `loss_func(pred, y_a)` as `learn.loss`; only the
@@ -38,8 +42,8 @@ class _Mix(Callback):
     """
     order = 40
 
-    def __init__(self, alpha: float):
-        self.alpha = _check_alpha(alpha)
+    def __init__(self, alpha: float, key: str | int | None = None):
+        self.alpha, self.key = _check_alpha(alpha), key
         a = torch.tensor(self.alpha, dtype=torch.float64)
         self._beta = torch.distributions.Beta(a, a)  # built once: construction validates its arguments
         self.lam: float | None = None  # the λ of the current training batch (for inspection and tests)
@@ -51,17 +55,36 @@ class _Mix(Callback):
     def _mix(self, x: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    def before_fit(self):
+        if self.learn.loss_func is None:
+            raise ValueError(f"{self.name} needs a loss_func: it mixes the losses of two target sets computed with "
+                             f"it, and loss_func=None (the model's own loss) cannot be recomputed for the second")
+
     def before_batch(self):
         learn = self.learn
         if not learn.training:
             return
-        multi = isinstance(learn.xb, tuple)  # several inputs: mix the first
-        x = learn.xb[0] if multi else learn.xb
-        if not torch.is_floating_point(x):
-            raise TypeError(f"{self.name} mixes floating-point inputs, got inputs of dtype {x.dtype}")
+        xb, key = learn.xb, self.key
+        if isinstance(xb, Mapping):
+            if key not in xb:
+                raise TypeError(f"{self.name}: the batches are mappings (keys {sorted(xb)}); pass key= naming the "
+                                f"floating-point input to mix, got key={key!r}")
+        elif isinstance(xb, tuple):  # several inputs: mix the first, or the one at index `key`
+            key = 0 if key is None else key
+        elif key is not None:
+            raise TypeError(f"{self.name}(key={key!r}) needs mapping or tuple inputs, got a {type(xb).__name__}")
+        x = xb if key is None else xb[key]
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(f"{self.name} mixes a floating-point tensor input, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         perm = torch.randperm(x.shape[0]).to(x.device, non_blocking=True)  # CPU RNG: same on every device
         mixed, self.lam = self._mix(x, perm)
-        learn.xb = (mixed, *learn.xb[1:]) if multi else mixed
+        if key is None:
+            learn.xb = mixed
+        elif isinstance(xb, tuple):
+            learn.xb = (*xb[:key], mixed, *xb[key + 1:])
+        else:
+            learn.xb = {**xb, key: mixed}
         self._y_b = _permute(learn.yb, perm)
 
     def after_loss(self):
@@ -78,8 +101,8 @@ class _Mix(Callback):
 class MixUp(_Mix):
     """MixUp (Zhang et al. 2018): inputs `λ·x + (1−λ)·x[perm]`, λ ~ Beta(α, α); losses mixed with the same λ."""
 
-    def __init__(self, alpha: float = 0.4):
-        super().__init__(alpha)
+    def __init__(self, alpha: float = 0.4, key: str | int | None = None):
+        super().__init__(alpha, key)
 
     def _mix(self, x, perm):
         lam = self._draw_lambda()
@@ -102,8 +125,8 @@ class CutMix(_Mix):
     (the box is clipped at the borders), so the loss weights match the pixels.
     """
 
-    def __init__(self, alpha: float = 1.0):
-        super().__init__(alpha)
+    def __init__(self, alpha: float = 1.0, key: str | int | None = None):
+        super().__init__(alpha, key)
 
     def _mix(self, x, perm):
         if x.ndim != 4:

@@ -6,20 +6,15 @@ import math
 import torch
 
 from ..callback import Callback, CancelStep
-from ..util import CopySafeHook
+from ..util import CopySafeHook, tree_map
 
 __all__ = ["MixedPrecision"]
 
 
 def _to_float32(pred):
-    """`pred` with its float16 / bfloat16 tensors (also inside tuples, lists, dicts) cast to float32."""
-    if isinstance(pred, torch.Tensor):
-        return pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
-    if isinstance(pred, (tuple, list)):
-        return type(pred)(_to_float32(p) for p in pred)
-    if isinstance(pred, dict):
-        return {k: _to_float32(v) for k, v in pred.items()}
-    return pred
+    """`pred` with its float16 / bfloat16 tensors cast to float32, keeping its structure and type (tuples, dicts,
+    dataclasses, a transformers `ModelOutput` with attribute access)."""
+    return tree_map(lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, pred)
 
 
 class MixedPrecision(Callback):
