@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,7 +21,7 @@ from .data import DataLoaders
 from .io import atomic_save, safe_load
 from .optim import param_groups, set_group_lrs
 from .shortcuts import FeatureMethods
-from .util import to_device, unwrap_model
+from .util import batch_on, cat_batches, detached, output_loss, unwrap_model
 
 __all__ = ["Learner"]
 
@@ -35,15 +36,6 @@ def _check_lr(lr: Any) -> None:
 def _as_list(cbs) -> list:
     """A lone callback, or an iterable of them, as a list."""
     return [cbs] if isinstance(cbs, Callback) else list(cbs)
-
-
-def _split(batch) -> tuple:
-    """`(xb, yb)` from a loader's batch; anything else is a TypeError naming what it got."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    what = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
-        f"a {type(batch).__name__}"
-    raise TypeError(f"a batch must be an (x, y) pair, got {what}")
 
 
 def _no_batches(dl, name: str, yielded_before: bool) -> None:
@@ -66,12 +58,13 @@ class Learner(FeatureMethods):
 
     | name         | what                                                                                  |
     |--------------|---------------------------------------------------------------------------------------|
-    | model ✎      | the module being trained (a DDP wrapper of it during a distributed fit)               |
+    | model ✎      | the module being trained (a DDP / compiled wrapper of it during such a fit)            |
     | opt ✎        | the optimizer, built once by `opt_func(param_groups, lr=lr)`                           |
-    | loss_func ✎  | `loss_func(pred, yb) -> scalar tensor`                                                 |
+    | loss_func ✎  | `loss_func(pred, yb) -> scalar tensor`; None: the model output's own `loss`            |
     | dls          | the DataLoaders; `dl` ✎ is the loader of the current phase                             |
-    | xb ✎, yb ✎   | the batch as the loader yields it, on the model's device; a tuple `xb` is several inputs |
-    | pred ✎       | `model(xb)`, or `model(*xb)` for a tuple of inputs                                     |
+    | xb ✎, yb ✎   | the batch on the model's device: `(xb, yb)` pairs as yielded (a tuple `xb` is several  |
+    |              | inputs); a mapping batch is `xb` whole, and `yb = xb.get("labels")`                    |
+    | pred ✎       | `model(xb)`, `model(*xb)` for a tuple, `model(**xb)` for a mapping; any structure      |
     | loss ✎       | the scalar tensor that will be back-propagated (replace it in `after_loss`)            |
     | training     | True in the training phase, False in validation                                        |
     | epoch ✎      | 0-based epoch; a callback may set it in `before_fit` to start later (resume)          |
@@ -89,13 +82,13 @@ class Learner(FeatureMethods):
     LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
                   "iter", "n_iter", "train_iter", "exception")
 
-    def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable,
+    def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable | None = None,
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Callback | Iterable[Callback] = (),
                  metrics: Callable | Iterable[Callable] = (), splitter: Callable | None = None, progress: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_func):
-            raise TypeError(f"loss_func must be callable, got {loss_func!r}")
+        if loss_func is not None and not callable(loss_func):
+            raise TypeError(f"loss_func must be callable or None (the model's own loss), got {loss_func!r}")
         if isinstance(data, DataLoaders):
             self.dls = data
         elif isinstance(data, (tuple, list)) and len(data) == 2:
@@ -266,10 +259,7 @@ class Learner(FeatureMethods):
         n_batches = 0
         with torch.set_grad_enabled(training):
             for self.iter, batch in enumerate(dl, start):
-                xb, yb = _split(batch)
-                # already there (the common case on CPU): skip `.to`, whose argument parsing costs ~1 µs a call
-                self.xb = xb if isinstance(xb, torch.Tensor) and xb.device == device else to_device(xb, device)
-                self.yb = yb if isinstance(yb, torch.Tensor) and yb.device == device else to_device(yb, device)
+                self.xb, self.yb = batch_on(batch, device)
                 self._with_events(self._do_batch, "batch")
                 n_batches += 1
                 if training:
@@ -280,10 +270,14 @@ class Learner(FeatureMethods):
             _no_batches(dl, "training" if training else "validation", id(dl) in self._yielded)
 
     def _do_batch(self) -> None:
-        xb = self.xb
-        self.pred = self.model(*xb) if isinstance(xb, tuple) else self.model(xb)
+        xb, model = self.xb, self.model
+        if isinstance(xb, torch.Tensor):
+            self.pred = model(xb)
+        else:
+            self.pred = model(*xb) if isinstance(xb, tuple) else model(**xb) if isinstance(xb, Mapping) else model(xb)
         self._fire("after_pred")
-        self.loss = loss = self.loss_func(self.pred, self.yb)
+        loss_func = self.loss_func
+        self.loss = loss = output_loss(self.pred) if loss_func is None else loss_func(self.pred, self.yb)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise ValueError(f"loss_func must return a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
@@ -324,28 +318,39 @@ class Learner(FeatureMethods):
         self._run_phase(dl)
         return dict(self.recorder.last_validation)
 
-    def get_preds(self, dl: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(preds, targets)` over `dl` (default: the validation data), concatenated in order."""
+    def get_preds(self, dl: Iterable | None = None) -> tuple[Any, Any]:
+        """`(preds, targets)` over `dl` (default: the validation data), joined along the batch dimension in order.
+
+        Predictions keep their structure: a tensor, a tuple of them, or for a mapping / `ModelOutput` a dict of
+        its non-scalar tensors (`preds["logits"]`). Targets are the batches' `yb` (None when there are none).
+        """
         gather = _GatherPreds()
         self._run_phase(dl, [gather])
-        return torch.cat(gather.preds), torch.cat(gather.targets)
+        return cat_batches(gather.preds), cat_batches(gather.targets)
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model's and the optimizer's state to `path` (atomically)."""
-        atomic_save({"model": unwrap_model(self.model).state_dict(), "opt": self.opt.state_dict()}, path)
+        """Write the model's and the optimizer's state (and the optimizer's class name) to `path` (atomically)."""
+        atomic_save({"model": unwrap_model(self.model).state_dict(), "opt": self.opt.state_dict(),
+                     "opt_class": type(self.opt).__name__}, path)
 
     def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
-        """Load what `save` wrote (`weights_only=True`); errors name the file and what is wrong."""
+        """Load what `save` (or `Checkpoint`) wrote (`weights_only=True`), all or nothing.
+
+        Everything is checked before anything changes: a file that does not fit the model (keys, shapes) or the
+        optimizer (its class, parameter groups) is a ValueError naming the file and what differs.
+        """
+        from .loading import check_model_state, check_optimizer_state
         state = safe_load(path, map_location=self.device)
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
-        try:
-            unwrap_model(self.model).load_state_dict(state["model"])
-            if with_opt and "opt" in state:
-                self.opt.load_state_dict(state["opt"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {str(path)!r} does not match this model/optimizer: {e}") from e
+        model, with_opt = unwrap_model(self.model), with_opt and "opt" in state
+        check_model_state(model, state["model"], path)
+        if with_opt:
+            check_optimizer_state(self.opt, state["opt"], state.get("opt_class"), path)
+        model.load_state_dict(state["model"])
+        if with_opt:
+            self.opt.load_state_dict(state["opt"])
 
 
 class _GatherPreds(Callback):
@@ -356,5 +361,5 @@ class _GatherPreds(Callback):
         self.preds, self.targets = [], []
 
     def after_loss(self):
-        self.preds.append(self.learn.pred.detach())
-        self.targets.append(self.learn.yb.detach())
+        self.preds.append(detached(self.learn.pred))
+        self.targets.append(detached(self.learn.yb))
