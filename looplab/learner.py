@@ -277,7 +277,7 @@ class Learner(FeatureMethods):
             self.pred = model(*xb) if isinstance(xb, tuple) else model(**xb) if isinstance(xb, Mapping) else model(xb)
         self._fire("after_pred")
         loss_func = self.loss_func
-        self.loss = loss = output_loss(self.pred) if loss_func is None else loss_func(self.pred, self.yb)
+        self.loss = loss = output_loss(self.pred, self.training) if loss_func is None else loss_func(self.pred, self.yb)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise ValueError(f"loss_func must return a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")

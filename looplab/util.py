@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -9,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "is_main_process",
+__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "first_tensor", "is_main_process",
            "CopySafeHook"]
 
 
@@ -84,9 +85,14 @@ def batch_on(batch, device: torch.device) -> tuple[Any, Any]:
                     f"inputs (e.g. a dict with 'input_ids' and 'labels'), got {what}")
 
 
-def output_loss(pred) -> torch.Tensor:
-    """The loss a model computed itself: its output's `loss` attribute or key (used when `loss_func=None`)."""
+def output_loss(pred, training: bool = True) -> torch.Tensor:
+    """The loss a model computed itself: its output's `loss` attribute or key (used when `loss_func=None`).
+
+    Outside training an output without one (batches without labels, e.g. for `get_preds`) gives NaN.
+    """
     loss = pred.get("loss") if isinstance(pred, Mapping) else getattr(pred, "loss", None)
+    if loss is None and not training:
+        return torch.tensor(math.nan)
     if loss is None:
         raise ValueError(f"loss_func=None needs a model that returns its loss (an output with a 'loss' attribute "
                          f"or key, e.g. a transformers model given labels); the model returned a "
@@ -111,6 +117,14 @@ def cat_batches(parts: list):
         return {k: cat_batches([p[k] for p in parts]) for k, v in first.items()
                 if isinstance(v, torch.Tensor) and v.ndim > 0}
     raise TypeError(f"cannot join batches of {type(first).__name__}")
+
+
+def first_tensor(obj) -> torch.Tensor | None:
+    """The first tensor in `obj` (a tensor, or nested tuples / lists / mappings), or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
+    return next((t for t in map(first_tensor, values) if t is not None), None)
 
 
 def detached(obj):

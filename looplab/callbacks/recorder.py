@@ -11,6 +11,7 @@ from torch import nn
 
 from ..callback import Callback
 from ..metrics import check_metrics, is_metric_object, metric_name
+from ..util import first_tensor
 
 __all__ = ["Recorder"]
 
@@ -31,11 +32,15 @@ def _as_scalar(metric, value, device: torch.device) -> torch.Tensor:
 
 
 def _batch_size(learn) -> int:
+    """Samples in the batch: the length of `yb`, else of the first tensor in `xb` (a tuple's, a mapping's)."""
     yb = learn.yb
     if isinstance(yb, torch.Tensor) and yb.ndim:
         return len(yb)
-    xb = learn.xb
-    return (xb[0] if isinstance(xb, tuple) else xb).shape[0]
+    first = first_tensor(learn.xb)
+    if first is None or not first.ndim:
+        raise ValueError(f"cannot tell the batch size: no targets and no tensor among the inputs "
+                         f"({type(learn.xb).__name__})")
+    return first.shape[0]
 
 
 class Recorder(Callback):
