@@ -17,8 +17,7 @@ follow it.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
