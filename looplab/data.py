@@ -7,23 +7,24 @@ share of every global batch (DDP), so the ranks' batches k together are the one-
 """
 from __future__ import annotations
 
+import ctypes
 import random
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-__all__ = ["DataLoaders", "TensorLoader", "DatasetLoader", "derive_seed", "epoch_order", "epoch_batches",
-           "n_batches", "shard"]
+__all__ = ["DataLoaders", "TensorLoader", "DatasetLoader", "derive_seed", "batch_seed", "epoch_order",
+           "epoch_batches", "n_batches", "shard"]
 
 
-# Domains, so the seeds of orders, the valid split, samples and worker base seeds never coincide.
-_ORDER, _SPLIT, _SAMPLE, _WORKERS = 0, 1, 2, 3
+# Domains, so the seeds of orders, the valid split, batches and worker base seeds never coincide.
+_ORDER, _SPLIT, _BATCHES, _WORKERS = 0, 1, 2, 3
 
 
 def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch) or (seed, epoch, sample index)."""
+    """A well-mixed 63-bit seed from integer keys, e.g. (seed, domain, epoch); once per epoch (it costs ~20 µs)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
@@ -87,13 +88,14 @@ class _SeededLoader:
     def __len__(self) -> int:
         return n_batches(self.n, self.bs, self.drop_last, self.rank, self.world_size, self.even)
 
-    def _next_plan(self) -> tuple[int, list[torch.Tensor]]:
-        """Start the next epoch: its number and this rank's batches from the offset on; moves the counters on."""
+    def _next_plan(self) -> tuple[int, int, list[torch.Tensor]]:
+        """Start the next epoch: its number, the offset, and this rank's batches from the offset on; moves the
+        counters on."""
         epoch, offset = self.epoch, self.offset
         batches = epoch_batches(self.n, self.bs, self.seed, epoch, self.shuffle, self.drop_last,
                                 self.rank, self.world_size, self.even)
         self.epoch, self.offset = epoch + 1, 0
-        return epoch, batches[offset:]
+        return epoch, offset, batches[offset:]
 
     def set_distributed(self, rank: int, world_size: int, even: bool = True) -> None:
         """Take rank `rank`'s share of every global batch of `bs * world_size` samples.
@@ -132,7 +134,7 @@ class TensorLoader(_SeededLoader):
         self.xs, self.y, self.multi_input = xs, y, isinstance(x, (tuple, list))
 
     def __iter__(self):
-        _, batches = self._next_plan()
+        _, _, batches = self._next_plan()
         return self._batches(batches)
 
     def _batches(self, batches):
@@ -141,45 +143,162 @@ class TensorLoader(_SeededLoader):
             yield (tuple(x[idx] for x in xs) if self.multi_input else xs[0][idx]), y[idx]
 
 
-class _SeededDataset(Dataset):
-    """Serves `(epoch, index)` keys: seeds python, numpy and torch's CPU RNG from (seed, epoch, index) first.
+_MASK64 = (1 << 64) - 1
 
-    So a sample's random augmentations are the same whichever worker (or the main process) loads it. The
-    caller's RNG states are restored afterwards, so loading in the main process consumes none of them.
+
+def _mix64(x: int) -> int:
+    """splitmix64's step: a 64-bit integer well mixed from `x` (about 1 µs; `derive_seed` costs 20)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def batch_seed(epoch_key: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
+    """The seed of rank `rank`'s share of global batch `batch` of an epoch; `epoch_key` is
+    `derive_seed(seed, 2, epoch)`, computed once per epoch."""
+    return _mix64(epoch_key + batch * world_size + rank)
+
+
+class _NumpyGlobalState:
+    """numpy's global RandomState, saved and put back in a few µs instead of the ~100 µs of get/set_state.
+
+    The MT19937 key and position are copied through the bit generator's documented ctypes interface. What that
+    misses is RandomState's cached second normal deviate: a probe draw finds it (a cached value comes back without
+    touching the key), and only then does `restore` take the slow `set_state` path.
     """
 
-    def __init__(self, ds: Dataset, seed: int):
-        self.ds, self.seed = ds, seed
+    _N_WORDS = 625  # mt19937_state: uint32 key[624]; int pos
+
+    def __init__(self):
+        self.bit_generator, self.words = None, None
+
+    def _words(self):
+        bit_generator = np.random.mtrand._rand._bit_generator  # np.random.set_bit_generator can swap it
+        if bit_generator is not self.bit_generator:
+            self.bit_generator = bit_generator
+            self.words = (ctypes.c_uint32 * self._N_WORDS).from_address(bit_generator.ctypes.state_address)
+        return self.words
+
+    def save(self):
+        bit_generator = np.random.mtrand._rand._bit_generator
+        if not isinstance(bit_generator, np.random.MT19937):  # np.random.seed could not seed it either
+            raise TypeError(f"numpy's global generator must be the legacy MT19937 for per-batch seeding, got "
+                            f"{type(bit_generator).__name__} (see np.random.set_bit_generator)")
+        words = self._words()
+        saved = bytes(words)
+        probe = np.random.standard_normal()  # the cached deviate if there is one, else a fresh pair is drawn
+        return saved, (probe if bytes(words) == saved else None)
+
+    def restore(self, saved) -> None:
+        words, cached_normal = saved
+        if cached_normal is None:
+            np.random.seed(0)  # clears any cached deviate the batch left; the key is overwritten next
+            ctypes.memmove(self._words(), words, len(words))
+        else:
+            key = np.frombuffer(words, np.uint32, 624)
+            np.random.set_state(("MT19937", key, int(np.frombuffer(words, np.int32, 1, 624 * 4)[0]), 1,
+                                 cached_normal))
+
+
+class _BatchSeededDataset(Dataset):
+    """Serves `(seed, indices)` keys: seeds python, numpy and torch's CPU generator from `seed`, then loads the batch.
+
+    So a batch's random augmentations are the same whichever worker (or the main process) loads it; a batch always
+    goes whole to one process. In the main process the caller's generator states are put back afterwards, so
+    loading there consumes none of their numbers (worker processes need no such care).
+    """
+
+    def __init__(self, ds: Dataset):
+        self.ds, self._numpy_state = ds, _NumpyGlobalState()
+        self._batched = getattr(ds, "__getitems__", None) is not None  # as torch's fetcher decides
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, key):
-        return self.__getitems__([key])[0]
+        raise TypeError("_BatchSeededDataset is read by whole batches: (seed, indices)")
 
-    def __getitems__(self, keys):
-        saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    def __getstate__(self):  # the ctypes view is per process
+        return {"ds": self.ds, "_batched": self._batched}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _numpy_state=_NumpyGlobalState())
+
+    def _load(self, seed: int, indices: list[int]) -> list:
+        random.seed(seed)
+        np.random.seed(_mix64(seed + 1) >> 32)  # three streams: torch's and numpy's Mersenne Twisters would
+        torch.random.default_generator.manual_seed(_mix64(seed + 2))  # coincide if seeded with the same 32 bits
+        ds = self.ds
+        return ds.__getitems__(indices) if self._batched else [ds[i] for i in indices]
+
+    def __getitems__(self, key):
+        seed, indices = key
+        if get_worker_info() is not None:
+            return self._load(seed, indices)
+        saved = random.getstate(), self._numpy_state.save(), torch.random.default_generator.get_state()
         try:
-            out = []
-            for epoch, index in keys:
-                s = derive_seed(self.seed, _SAMPLE, epoch, index)
-                random.seed(s)
-                np.random.seed(s % 2**32)
-                torch.random.default_generator.manual_seed(s)
-                out.append(self.ds[index])
-            return out
+            return self._load(seed, indices)
         finally:
             random.setstate(saved[0])
-            np.random.set_state(saved[1])
+            self._numpy_state.restore(saved[1])
             torch.random.default_generator.set_state(saved[2])
 
 
-class DatasetLoader(_SeededLoader):
-    """A map-style dataset through torch's `DataLoader`, with our seeded order and per-sample seeding.
+class _EpochPlan:
+    """torch's `batch_sampler` for one DatasetLoader: the current epoch's `(seed, indices)` keys.
 
-    The results do not depend on `num_workers`: the order comes from (seed, epoch) and every sample's random
-    draws from (seed, epoch, index). torch's loader gets a private generator, so it never draws its base seed
-    from the global torch RNG (which would otherwise change with every epoch and break exact resume).
+    Its `__iter__` runs when torch's iterator starts (or restarts) an epoch, so a single DataLoader with persistent
+    workers serves every epoch: the loader replaces `batches` before each `iter()`.
+    """
+
+    def __init__(self, batches: list[tuple[int, list[int]]] = ()):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Epoch:
+    """One epoch of a DatasetLoader's persistent torch loader; the loader is busy until it ends or is dropped."""
+
+    def __init__(self, owner: "DatasetLoader", batches):
+        self.owner, self.batches = owner, batches
+        owner._busy = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.owner is not None:
+            self.owner._busy, self.owner = False, None
+
+    __del__ = release
+
+
+class DatasetLoader(_SeededLoader):
+    """A map-style dataset through torch's `DataLoader`, with our seeded order and per-batch seeding.
+
+    The results do not depend on `num_workers`: the order comes from (seed, epoch), and each batch's random draws
+    (python's `random`, numpy's and torch's global generators) from (seed, epoch, batch number, rank), seeded just
+    before the batch is loaded, by whichever process loads it. The draws therefore change with `bs` and with the
+    number of DDP processes (seeding every sample instead would cost ~8 µs a sample: python's `random.seed` alone
+    is 4 µs). A dataset with `__getitems__` gets whole batches, as torch's loader gives them.
+
+    One torch `DataLoader` serves every epoch: its workers (`persistent_workers`) start with the first epoch and
+    live as long as this loader (or until `close()`), so, as with torch, they keep the dataset as it was then. An
+    iteration started inside an unfinished epoch (a nested `get_preds`) gets a loader of its own for that epoch.
+    torch's loader gets a private generator, so it never draws from the global torch RNG.
     """
 
     def __init__(self, ds: Dataset, bs: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
@@ -189,18 +308,41 @@ class DatasetLoader(_SeededLoader):
                             f"got {type(ds).__name__}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        taken = sorted({"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator",
+                        "persistent_workers"} & dl_kwargs.keys())
+        if taken:
+            raise ValueError(f"DatasetLoader sets {', '.join(taken)} itself (bs, shuffle, seed, drop_last; workers "
+                             f"always persist)")
         super().__init__(len(ds), bs, shuffle, seed, drop_last)
         self.ds, self.num_workers = ds, num_workers
-        self._seeded = _SeededDataset(ds, seed)
-        self._dl_kwargs = dict(collate_fn=collate_fn or torch.utils.data.default_collate, pin_memory=pin_memory, **dl_kwargs)
+        self._dl_kwargs = dict(collate_fn=collate_fn or torch.utils.data.default_collate, pin_memory=pin_memory,
+                               **dl_kwargs)
+        self._plan, self._loader, self._busy = _EpochPlan(), None, False
 
     def __iter__(self):
-        epoch, batches = self._next_plan()
-        keys = [[(epoch, int(i)) for i in idx] for idx in batches]
-        loader = DataLoader(self._seeded, batch_sampler=keys, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(derive_seed(self.seed, _WORKERS, epoch)),
-                            **self._dl_kwargs)
-        return iter(loader)
+        epoch, first, batches = self._next_plan()
+        epoch_key = derive_seed(self.seed, _BATCHES, epoch)
+        plan = [(batch_seed(epoch_key, k, self.rank, self.world_size), idx.tolist())
+                for k, idx in enumerate(batches, first)]
+        if self._busy:  # a second iteration inside one of its own epochs: torch's loader would restart the first
+            return iter(self._torch_loader(_EpochPlan(plan), persistent=False))
+        if self._loader is None:
+            self._loader = self._torch_loader(self._plan, persistent=True)
+        self._plan.batches = plan
+        return _Epoch(self, iter(self._loader))
+
+    def _torch_loader(self, plan: "_EpochPlan", persistent: bool) -> DataLoader:
+        return DataLoader(_BatchSeededDataset(self.ds), batch_sampler=plan, num_workers=self.num_workers,
+                          persistent_workers=persistent and self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(derive_seed(self.seed, _WORKERS)),
+                          **self._dl_kwargs)
+
+    def close(self) -> None:
+        """Stop the worker processes now (the next epoch starts new ones); otherwise they end with the loader."""
+        self._loader = None  # its iterator shuts the workers down when it is collected, at once in CPython
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) gets no handle on this loader's worker processes
+        return {**self.__dict__, "_loader": None, "_plan": _EpochPlan(), "_busy": False}
 
 
 class DataLoaders:

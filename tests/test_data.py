@@ -1,4 +1,4 @@
-"""Dataset loaders whose results do not depend on num_workers, batch size, offsets or the global RNG.
+"""Dataset loaders whose results do not depend on num_workers, offsets or the global RNG.
 
 The reference for "independent of workers" is the same loader with another `num_workers` (0 = main process);
 for offsets, the same epoch loaded from its start.
@@ -54,10 +54,17 @@ def test_order_and_augmentations_do_not_depend_on_num_workers():
         assert same_samples(s0, s2)
 
 
-def test_a_sample_draws_the_same_augmentation_whatever_its_batch():
-    _, small = epoch(loader(0, bs=4))
-    _, large = epoch(loader(2, bs=7))
-    assert same_samples(small, large)
+def test_ranks_draw_different_augmentations_for_their_shares():
+    """Batches are seeded by (seed, epoch, batch number, rank): two ranks' shares of a global batch differ."""
+    shares = []
+    for rank in (0, 1):
+        dl = loader(0, bs=4)
+        dl.set_distributed(rank, 2)
+        shares.append(epoch(dl))
+    (ids0, s0), (ids1, s1) = shares
+    assert not set(ids0) & set(ids1) and sorted(ids0 + ids1) == list(range(24))
+    noise = [s[i] - torch.tensor([float(i)] * 3) for ids, s in shares for i in ids[:4]]  # first global batch
+    assert all(not torch.equal(noise[a], noise[b]) for a in range(8) for b in range(a))
 
 
 def test_every_epoch_has_a_new_order_and_new_augmentations_and_seeds_differ():
