@@ -19,6 +19,7 @@ from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
 from .data import DataLoaders
 from .io import atomic_save, safe_load
+from .metrics import check_metrics
 from .optim import param_groups, set_group_lrs
 from .shortcuts import FeatureMethods
 from .util import batch_on, cat_batches, detached, output_loss, unwrap_model
@@ -97,7 +98,7 @@ class Learner(FeatureMethods):
             raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
         _check_lr(lr)
         self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
-        self.metrics, self.splitter = [metrics] if callable(metrics) else list(metrics), splitter
+        self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
         self.exception: BaseException | None = None
