@@ -373,9 +373,11 @@ def test_stray_tmp_ignored_by_resume_and_cleaned(tmp_path):
     with pytest.raises(RuntimeError):
         first.fit(3, cbs=[Checkpoint(folder, every_n_steps=2), Crash(7)])
     newest = ckpt_files(folder)[-1]
-    # a write killed half-way: garbage under the newest-looking names
-    (folder / (newest.name + ".tmp")).write_bytes(b"\x80garbage")
-    (folder / "ckpt-99999999.pt.tmp").write_bytes(b"half")
+    # a write killed half-way, long ago: garbage under the newest-looking names. (Issue 16: a leftover is removed
+    # only by a writer, and only once provably stale: its writer's process gone, or older than io.STALE_AFTER.)
+    for leftover in (folder / (newest.name + ".tmp"), folder / "ckpt-99999999.pt.tmp"):
+        leftover.write_bytes(b"\x80garbage")
+        os.utime(leftover, (0, 0))
     second = make_learner()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no complaint about the leftovers: they are simply not checkpoints

@@ -1,14 +1,23 @@
 """Checkpoint: the complete training state, written atomically. Resume: continue from the very next batch.
 
-A checkpoint holds everything the rest of a fit depends on: the model, the optimizer, every callback's
-`state_dict()` (schedules, loss scaler, averages, Recorder history …), every PRNG state (of every rank), the
-gradients when a step is mid-accumulation, the loop counters and the data loaders' position. Data loaders from
-`looplab.data` start an epoch at any batch, so resuming jumps straight to the next batch without replaying the
-ones before it, and the rest of the run is bit-identical to a run that was never interrupted.
+A checkpoint holds everything the rest of a fit depends on: the model, the optimizer (and its class name), every
+callback's `state_dict()` (schedules, loss scaler, averages, Recorder history …), every PRNG state (of every rank),
+the gradients when a step is mid-accumulation, the loop counters, the data loaders' position and the data's shape
+(batches per epoch, samples, processes). Data loaders from `looplab.data` start an epoch at any batch, so resuming
+jumps straight to the next batch without replaying the ones before it, and the rest of the run is bit-identical to
+a run that was never interrupted.
 
 Files are `ckpt-{steps:08d}.pt` (mid-epoch, after `steps` training batches) and `ckpt-{steps:08d}-epoch-{e}.pt`
 (after epoch e); the newest is the one with the most steps, an epoch's end after its last step. Everything in them
 is plain data: they load with `torch.load(weights_only=True)`, and loading never runs code.
+
+Folders never lose a run:
+- Reading (`latest_checkpoint`, `Resume`) never deletes, renames or creates anything. Writes go through a
+  temporary unique to the writer (`looplab.io.atomic_save`); a `Checkpoint` removes only provably stale ones.
+- A run's files are its lineage: the names a `Checkpoint` wrote (its `state_dict`, so they survive a resume),
+  and `keep_last` deletes only those. Resuming from a file older than others in its folder moves the newer ones
+  (a run that went on from there) into `abandoned-<time>/`, with a warning, so `resume_from=folder` continues the
+  resumed run.
 """
 from __future__ import annotations
 
@@ -16,13 +25,15 @@ import os
 import re
 import signal
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..callback import Callback, CancelFit
-from ..io import atomic_save, safe_load
+from ..io import atomic_save, remove_stale_temporaries, safe_load
+from ..loading import check_grads, check_model_state, check_optimizer_state, load_callback_states
 from ..repro import get_rng_state, set_rng_state
 from ..util import is_main_process, unwrap_model
 
@@ -30,6 +41,8 @@ __all__ = ["Checkpoint", "Resume", "checkpoint_files", "latest_checkpoint"]
 
 FORMAT = "looplab-checkpoint-1"
 _NAME = re.compile(r"^ckpt-(\d+)(-epoch-\d+)?\.pt$")
+_PARTS = ("model", "opt", "grads", "callbacks", "rng", "loop", "data")  # what every checkpoint holds
+_LOOP = ("epoch", "offset", "train_iter", "n_epochs")
 
 
 def _sort_key(path: Path) -> tuple[int, bool]:
@@ -44,11 +57,6 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file()), key=_sort_key)
-
-
-def _remove_tmp(folder: Path) -> None:
-    for tmp in folder.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def _distributed() -> bool:
@@ -76,10 +84,24 @@ def _named_callbacks(cbs) -> dict[str, Callback]:
     return named
 
 
+def _data_shape(dl) -> dict:
+    """What a mid-epoch position depends on: batches per epoch, samples and processes (None: not known)."""
+    n_samples = None
+    for source in (getattr(dl, "dataset", None), getattr(dl, "ds", None)):
+        if source is not None and hasattr(source, "__len__"):
+            n_samples = len(source)
+            break
+    else:
+        n_samples = getattr(dl, "n", None) if isinstance(getattr(dl, "n", None), int) else None
+    return {"n_batches": len(dl) if hasattr(dl, "__len__") else None, "n_samples": n_samples,
+            "world_size": torch.distributed.get_world_size() if _distributed() else 1}
+
+
 def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
     """The complete state of `learn` between two batches (`mid_epoch`) or after an epoch, as plain data.
 
-    `loop` says where to continue: the epoch, the batch within it and the next `train_iter`.
+    `loop` says where to continue (the epoch, the batch within it and the next `train_iter`) and what that
+    position depends on (`n_batches` per epoch, `n_samples`, `world_size`).
     """
     model = unwrap_model(learn.model)
     data = learn.dls.state_dict()
@@ -93,11 +115,13 @@ def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
         "format": FORMAT,
         "model": model.state_dict(),
         "opt": learn.opt.state_dict(),
+        "opt_class": type(learn.opt).__name__,
         # the loop zeroes gradients after every step; they are non-zero here only mid-accumulation
         "grads": {name: p.grad for name, p in model.named_parameters() if p.grad is not None},
         "callbacks": {name: cb.state_dict() for name, cb in _named_callbacks(learn.cbs).items()},
         "rng": rng,
-        "loop": {"epoch": epoch, "offset": offset, "train_iter": train_iter, "n_epochs": learn.n_epochs},
+        "loop": {"epoch": epoch, "offset": offset, "train_iter": train_iter, "n_epochs": learn.n_epochs,
+                 **_data_shape(learn.dls.train)},
         "data": data,
     }
 
@@ -105,9 +129,12 @@ def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
 class Checkpoint(Callback):
     """Save the complete training state to `dir` every `every_n_steps` training batches and/or after every epoch.
 
-    Keeps the newest `keep_last` files it wrote (None: all); older ones are deleted only once the new one is
-    complete. SIGTERM or SIGINT during fit (preemption, a notebook interrupt) finishes the current step, writes a
-    checkpoint and stops the fit cleanly; `stopped_by` then names the signal (a second signal acts at once).
+    Keeps the newest `keep_last` files of this run's lineage (None: all): the files it wrote, and after a resume
+    the files of the run it continues, up to the resume point. Older ones are deleted only once the new one is
+    complete; other files in `dir` are never deleted. Resuming from a file older than others in `dir` moves those
+    newer files into `dir/abandoned-<time>/` (with a warning) at the start of the fit. SIGTERM or SIGINT during fit
+    (preemption, a notebook interrupt) finishes the current step, writes a checkpoint and stops the fit cleanly;
+    `stopped_by` then names the signal (a second signal acts at once).
     In a distributed run only rank 0 writes; every rank's RNG states are saved (callbacks' states are rank 0's: they
     agree across ranks, except the per-step training losses each rank's Recorder keeps), and the ranks agree to stop
     at the next scheduled checkpoint (`every_n_steps` or the epoch's end), so there is no extra sync per step.
@@ -129,6 +156,47 @@ class Checkpoint(Callback):
         self.stopped_by: str | None = None
         self._signal: int | None = None
         self._previous_handlers: dict = {}
+        self._own: list[Path] = []  # this run's lineage in `dir`, oldest first
+        self._resumed_files: list[str] | None = None  # the lineage a Resume loaded (None: the file had none)
+        self._resume: Resume | None = None  # the Resume of this fit, when it continues a run in `dir`
+        self._starting = False  # before the first epoch of a fit
+
+    # ---- lineage -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The names of this run's files in `dir` (while a file is written: the ones kept once it is complete)."""
+        return {"files": [p.name for p in self._own]}
+
+    def load_state_dict(self, state: dict) -> None:
+        files = state.get("files")
+        # plain names of checkpoint files only: a crafted lineage must not point rotation anywhere else
+        self._resumed_files = None if files is None else [str(n) for n in files if _NAME.match(str(n))]
+
+    def _continue_resumed_run(self) -> None:
+        """The start of a resumed fit (rank 0): abandon newer files of `dir`, take on the resumed run's lineage."""
+        loaded = self._resume.loaded if self._resume is not None else None
+        if loaded is None or loaded.parent.resolve() != self.dir.resolve():
+            return
+        if _NAME.match(loaded.name):
+            newer = [p for p in checkpoint_files(self.dir) if _sort_key(p) > _sort_key(loaded)]
+            if newer:
+                self._abandon(newer, loaded)
+        if self._resumed_files is not None:
+            self._own = [self.dir / name for name in self._resumed_files if (self.dir / name).is_file()]
+        else:  # written before files carried their lineage: the folder's files up to the resume point
+            self._own = [p for p in checkpoint_files(self.dir)
+                         if not _NAME.match(loaded.name) or _sort_key(p) <= _sort_key(loaded)]
+
+    def _abandon(self, newer: list[Path], loaded: Path) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, i = self.dir / f"abandoned-{stamp}", 1
+        while dest.exists():
+            dest, i = self.dir / f"abandoned-{stamp}-{i}", i + 1
+        dest.mkdir()
+        for p in newer:
+            os.replace(p, dest / p.name)
+        warnings.warn(f"resumed from {loaded.name}, older than {len(newer)} checkpoint(s) in {str(self.dir)!r} "
+                      f"({', '.join(p.name for p in newer)}): a run that went on from there. They are moved to "
+                      f"{str(dest)!r}, not deleted, so that resume_from={str(self.dir)!r} continues this run")
 
     # ---- signals -----------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -163,23 +231,28 @@ class Checkpoint(Callback):
         if self.every_n_steps and not hasattr(learn.dls.train, "load_state_dict"):
             warnings.warn(f"the training loader ({type(learn.dls.train).__name__}) cannot start an epoch mid-way: "
                           f"resuming from a mid-epoch checkpoint will restart that epoch")
-        self._own: list[Path] = []
+        self._own, self._resumed_files = [], None
+        resume = next((cb for cb in learn.cbs if isinstance(cb, Resume)), None)
+        self._resume = resume if resume is not None and resume.folder.resolve() == self.dir.resolve() else None
+        self._starting = True
         if is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
-            _remove_tmp(self.dir)
+            remove_stale_temporaries(self.dir)
             existing = checkpoint_files(self.dir)
-            resuming_here = any(isinstance(cb, Resume) and cb.folder.resolve() == self.dir.resolve()
-                                for cb in learn.cbs)
-            if resuming_here:
-                self._own = existing  # the run being continued: rotate its files too
-            elif existing:
+            if existing and self._resume is None:
                 warnings.warn(f"{str(self.dir)!r} already holds {len(existing)} checkpoint(s) of another run "
                               f"(newest {existing[-1].name}); they are left alone, but resume_from this folder "
                               f"picks the newest by step count: use a fresh folder per run")
-        self._restore_handlers()  # left installed by a fit that raised (its after_fit never ran)
+        self._restore_handlers()  # left installed by a fit that raised before after_fit always ran
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def before_epoch(self):
+        if self._starting:  # the first epoch of the fit: Resume (the last before_fit) has loaded by now
+            self._starting = False
+            if is_main_process():
+                self._continue_resumed_run()
 
     def after_batch(self):
         learn = self.learn
@@ -203,6 +276,7 @@ class Checkpoint(Callback):
         self._restore_handlers()
 
     def after_fit(self):
+        # runs however the fit ended (with `learn.exception` set when it raised): undo, never write
         self._restore_handlers()
 
     # ---- writing -----------------------------------------------------------------------------------------------
@@ -211,16 +285,19 @@ class Checkpoint(Callback):
         rng = _rng_states_by_rank()  # every rank takes part
         if not is_main_process():
             return
-        state = training_state(learn, mid_epoch, rng)
-        steps = state["loop"]["train_iter"]
-        name = f"ckpt-{steps:08d}.pt" if mid_epoch else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt"
-        self.last_path, self._last_loop = atomic_save(state, self.dir / name), state["loop"]
-        self._own = [p for p in self._own if p != self.last_path] + [self.last_path]
-        if self.keep_last is not None:  # the new file is complete: only now drop the oldest
-            self._own.sort(key=_sort_key)
-            for old in self._own[:-self.keep_last]:
-                old.unlink(missing_ok=True)
-            self._own = self._own[-self.keep_last:]
+        steps = learn.train_iter + 1 if mid_epoch else learn.train_iter
+        path = self.dir / (f"ckpt-{steps:08d}.pt" if mid_epoch else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt")
+        lineage = sorted([p for p in self._own if p != path] + [path], key=_sort_key)
+        kept = lineage if self.keep_last is None else lineage[-self.keep_last:]
+        previous, self._own = self._own, kept  # the file names the lineage it will have once it is complete
+        try:
+            state = training_state(learn, mid_epoch, rng)
+            self.last_path, self._last_loop = atomic_save(state, path), state["loop"]
+        except BaseException:
+            self._own = previous
+            raise
+        for old in lineage[:len(lineage) - len(kept)]:  # the new file is complete: only now drop the oldest
+            old.unlink(missing_ok=True)
 
     def _stop(self) -> None:
         self.stopped_by = signal.Signals(self._signal).name
@@ -235,44 +312,57 @@ class Checkpoint(Callback):
 def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     """Load the checkpoint at `path`, or the newest readable one in the folder `path` (skipping damaged ones).
 
-    Returns `(file, state)`. A missing path raises FileNotFoundError; a file that is not a looplab checkpoint, or
-    holds anything but plain data, raises ValueError.
+    Returns `(file, state)`. Reads only: never deletes, renames or creates anything, so it is safe while another
+    process writes into the folder. A missing path raises FileNotFoundError; a file that is not a complete looplab
+    checkpoint, or holds anything but plain data, raises ValueError naming it.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"resume_from: {str(path)!r} does not exist")
     if path.is_file():
         return path, _load(path)
-    _remove_tmp(path)
-    candidates = checkpoint_files(path)
-    if not candidates:
-        raise FileNotFoundError(f"resume_from: no checkpoint (ckpt-*.pt) in folder {str(path)!r}")
-    for file in reversed(candidates):
-        try:
-            return file, _load(file)
-        except ValueError as e:
-            warnings.warn(f"skipping damaged checkpoint {str(file)!r}: {e}")
-    raise ValueError(f"resume_from: none of the {len(candidates)} checkpoints in {str(path)!r} is readable")
+    for _ in range(10):
+        candidates = checkpoint_files(path)
+        if not candidates:
+            raise FileNotFoundError(f"resume_from: no checkpoint (ckpt-*.pt) in folder {str(path)!r}")
+        for file in reversed(candidates):
+            try:
+                return file, _load(file)
+            except FileNotFoundError:  # a writer rotated it away since the listing: list again
+                break
+            except ValueError as e:
+                warnings.warn(f"skipping damaged checkpoint {str(file)!r}: {e}")
+        else:
+            raise ValueError(f"resume_from: none of the {len(candidates)} checkpoints in {str(path)!r} is readable")
+    raise FileNotFoundError(f"resume_from: the checkpoints in {str(path)!r} kept disappearing while being read")
 
 
 def _load(file: Path) -> dict:
     state = safe_load(file, map_location="cpu")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(file)!r} is not a looplab training checkpoint (written by Checkpoint)")
+    missing = [part for part in _PARTS if part not in state]
+    if isinstance(state.get("loop"), dict):
+        missing += [f"loop[{key!r}]" for key in _LOOP if key not in state["loop"]]
+    if missing:
+        raise ValueError(f"{str(file)!r} is an incomplete checkpoint: it has no {', '.join(missing)}")
     return state
 
 
 class Resume(Callback):
     """Restore a checkpoint at the start of a fit, so it continues at the very next batch.
 
-    Added by `learn.fit(..., resume_from=path_or_dir)`. Its `before_fit` runs last (after every other callback's
-    `before_fit` has reset that callback), then overwrites all of the training state with the checkpoint's.
+    Added by `learn.fit(..., resume_from=path_or_dir)`, or give `Resume(path, strict=False)` in `cbs`. Its
+    `before_fit` runs last (after every other callback's `before_fit` has reset that callback), checks that the
+    whole checkpoint fits (model, optimizer, gradients, data), then loads it: a ValueError naming the file leaves
+    everything as it was. A mid-epoch checkpoint of other data (batches per epoch, samples, processes) is an error;
+    with `strict=False`, a warning, and that epoch restarts from its first batch.
     """
     order = 10_000
     during_lr_find = False
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, strict: bool = True):
+        self.path, self.strict = Path(path), strict
         if not self.path.exists():
             raise FileNotFoundError(f"resume_from: {str(self.path)!r} does not exist")
         self.folder = self.path if self.path.is_dir() else self.path.parent
@@ -280,39 +370,74 @@ class Resume(Callback):
 
     def before_fit(self):
         learn = self.learn
-        self.loaded, state = latest_checkpoint(self.path)
+        file, state = latest_checkpoint(self.path)
         model = unwrap_model(learn.model)
-        try:
-            model.load_state_dict(state["model"])
-            learn.opt.load_state_dict(state["opt"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {str(self.loaded)!r} does not match this model/optimizer: {e}") from e
-        grads = state["grads"]
-        for name, p in model.named_parameters():
-            p.grad = grads[name].to(p.device) if name in grads else None
-        self._load_callbacks(state["callbacks"])
-        for name, position in state["data"].items():
-            dl = getattr(learn.dls, name, None)
-            if hasattr(dl, "load_state_dict"):
-                dl.load_state_dict(position)
-        loop = state["loop"]
-        if loop["n_epochs"] != learn.n_epochs:
-            warnings.warn(f"{str(self.loaded)!r} was written by a fit of {loop['n_epochs']} epochs; this fit has "
-                          f"{learn.n_epochs}: schedules that depend on the length will not match")
-        learn.epoch, learn.train_iter = loop["epoch"], loop["train_iter"]
+        check_model_state(model, state["model"], file)
+        check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), file)
+        check_grads(model, state["grads"], file)
+        loop, data = self._checked_position(file, dict(state["loop"]), dict(state["data"]))
         rngs = state["rng"]
         rank = torch.distributed.get_rank() if _distributed() else 0
         if rank >= len(rngs):
-            warnings.warn(f"{str(self.loaded)!r} holds RNG states of {len(rngs)} rank(s); rank {rank} takes rank 0's")
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+            warnings.warn(f"{str(file)!r} holds RNG states of {len(rngs)} rank(s); rank {rank} takes rank 0's")
 
-    def _load_callbacks(self, saved: dict) -> None:
-        named = _named_callbacks(self.learn.cbs)
+        # everything that can be checked fits: load what only loading can check first, undoing it on failure
+        undo = [(set_rng_state, get_rng_state())]
+        named = _named_callbacks(learn.cbs)
+        try:
+            set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+            for name, position in data.items():
+                dl = getattr(learn.dls, name, None)
+                if hasattr(dl, "load_state_dict"):
+                    undo.append((dl.load_state_dict, dl.state_dict()))
+                    dl.load_state_dict(position)
+            load_callback_states(named, state["callbacks"], file)  # all or nothing by itself
+        except Exception as e:
+            for restore, saved in reversed(undo):
+                restore(saved)
+            if isinstance(e, ValueError) and str(file) in str(e):
+                raise
+            raise ValueError(f"{str(file)!r} does not load: {type(e).__name__}: {e}") from e
+        model.load_state_dict(state["model"])
+        learn.opt.load_state_dict(state["opt"])
+        grads = state["grads"]
+        for name, p in model.named_parameters():
+            p.grad = grads[name].to(p.device) if name in grads else None
+        self._warn_about_callbacks(named, state["callbacks"], file)
+        if loop["n_epochs"] != learn.n_epochs:
+            warnings.warn(f"{str(file)!r} was written by a fit of {loop['n_epochs']} epochs; this fit has "
+                          f"{learn.n_epochs}: schedules that depend on the length will not match")
+        learn.epoch, learn.train_iter = loop["epoch"], loop["train_iter"]
+        self.loaded = file
+
+    def _checked_position(self, file: Path, loop: dict, data: dict) -> tuple[dict, dict]:
+        """`loop` and `data` to continue from; a mid-epoch position in other data is an error (or, not `strict`,
+        a warning and a restart of that epoch)."""
+        if loop["offset"] == 0:
+            return loop, data
+        now = _data_shape(self.learn.dls.train)
+        labels = {"world_size": "processes", "n_samples": "training samples", "n_batches": "batches per epoch"}
+        differences = [f"{labels[k]}: {loop[k]} there, {now[k]} here" for k in labels
+                       if loop.get(k) is not None and now[k] is not None and loop[k] != now[k]]
+        if not differences:
+            return loop, data
+        where = (f"{str(file)!r} was written mid-epoch {loop['epoch']} (after its batch {loop['offset']}) by a run "
+                 f"with other data ({'; '.join(differences)}): continuing there would skip or repeat samples")
+        if self.strict:
+            raise ValueError(f"{where}. Resume with the same data, batch size and number of processes, or pass "
+                             f"cbs=[Resume(path, strict=False)] to restart epoch {loop['epoch']} from its start")
+        warnings.warn(f"{where}; restarting epoch {loop['epoch']} from its first batch (strict=False)")
+        loop["train_iter"], loop["offset"] = loop["train_iter"] - loop["offset"], 0
+        if "train" in data:
+            data["train"] = {**data["train"], "offset": 0}
+        return loop, data
+
+    def _warn_about_callbacks(self, named: dict, saved: dict, file: Path) -> None:
         for name, cb in named.items():
-            if name in saved:
-                cb.load_state_dict(saved[name])
-            elif not isinstance(cb, Resume) and cb.state_dict():
-                warnings.warn(f"{str(self.loaded)!r} holds no state for callback {name}: it starts afresh")
-        extra = [name for name, s in saved.items() if name not in named and s]
+            if name not in saved and not isinstance(cb, (Resume, Checkpoint)) and cb.state_dict():
+                warnings.warn(f"{str(file)!r} holds no state for callback {name}: it starts afresh")
+        # a Checkpoint's state is the writer's own bookkeeping (its files): a fit that writes none needs none
+        extra = [name for name, s in saved.items()
+                 if name not in named and s and not name.startswith(f"{Checkpoint.__name__}_")]
         if extra:
-            warnings.warn(f"{str(self.loaded)!r} holds state for callbacks this fit does not have: {extra}")
+            warnings.warn(f"{str(file)!r} holds state for callbacks this fit does not have: {extra}")
