@@ -7,7 +7,7 @@ import torch
 
 from ..callback import Callback
 
-__all__ = ["GradientClip"]
+__all__ = ["GradientClip", "group_by_device", "total_norm", "scale_"]
 
 
 def _positive(name: str, value) -> float:
@@ -16,10 +16,32 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
+def group_by_device(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """Tensors grouped by (device, dtype), groups and members in first-seen order: one foreach call per group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
 def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The `norm_type`-norm of all gradients together (as `clip_grad_norm_` computes it), on the device."""
-    norms = torch._foreach_norm(grads, norm_type)
+    """The `norm_type`-norm of all gradients together, on the first gradient's device, without a host sync.
+
+    torch's own `get_total_norm` (what `clip_grad_norm_` computes) where torch has it (2.6+); before, the same
+    computation: a foreach norm per device and dtype, then the norm of those norms on the first device.
+    """
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, norm_type)
+    norms = [n for group in group_by_device(grads).values() for n in torch._foreach_norm(group, norm_type)]
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+
+def scale_(grads_by_device: dict[tuple, list[torch.Tensor]], coef: torch.Tensor) -> None:
+    """Multiply every gradient by the 0-dim tensor `coef`, moved once to each group's device (as torch's
+    `clip_grads_with_norm_` does): a tensor on one accelerator cannot scale gradients on another."""
+    for (device, _), grads in grads_by_device.items():
+        torch._foreach_mul_(grads, coef.to(device))
 
 
 class GradientClip(Callback):
@@ -29,7 +51,9 @@ class GradientClip(Callback):
     Logs `grad_norm` (the total norm before clipping) every step. Runs in `before_step`, so with `MixedPrecision`
     (which unscales in `after_backward`) it clips the true, unscaled gradients, and with `GradientAccumulation`
     the accumulated ones. Gradients that are not finite (an overflowed float16 step, which MixedPrecision will
-    skip) are left untouched: the check happens on the device, without a host sync.
+    skip) are left untouched: the check happens on the device, without a host sync. Parameters may live on several
+    devices (a model split across accelerators): the norm is torch's `get_total_norm`, and the coefficient goes to
+    each device once.
     """
     order = 20  # before MixedPrecision (30) performs the step in its before_step
 
@@ -39,20 +63,26 @@ class GradientClip(Callback):
         self.clip_value = None if clip_value is None else _positive("clip_value", clip_value)
 
     def before_fit(self):
-        self._params = [p for group in self.learn.opt.param_groups for p in group["params"]]
+        params = [p for group in self.learn.opt.param_groups for p in group["params"]]
+        self._params_by_device = group_by_device(params)  # a gradient has its parameter's device and dtype
 
     def before_step(self):
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if not grads:
+        by_device = {}
+        for key, params in self._params_by_device.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                by_device[key] = grads
+        if not by_device:
             return
-        total = total_norm(grads, self.norm_type)
+        total = total_norm([g for grads in by_device.values() for g in grads], self.norm_type)
         self.learn.recorder.log("grad_norm", total)
         finite = torch.isfinite(total)
         if self.clip_value is None:
             # clip_grad_norm_'s coefficient, forced to exactly 1 when the norm is not finite (a skipped step)
-            coef = torch.where(finite, (self.max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
-            torch._foreach_mul_(grads, coef)
+            scale_(by_device, torch.where(finite, (self.max_norm / (total + 1e-6)).clamp(max=1.0), 1.0))
         else:
             bound = torch.where(finite, self.clip_value, math.inf)
-            for g in grads:
-                g.clamp_(min=-bound.to(g.device), max=bound.to(g.device))
+            for (device, _), grads in by_device.items():
+                device_bound = bound.to(device)
+                for g in grads:
+                    g.clamp_(min=-device_bound, max=device_bound)
