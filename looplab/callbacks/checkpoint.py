@@ -84,16 +84,20 @@ def _named_callbacks(cbs) -> dict[str, Callback]:
     return named
 
 
+def _length(obj) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:  # no length (an iterable dataset; torch's DataLoader over one)
+        return None
+
+
 def _data_shape(dl) -> dict:
     """What a mid-epoch position depends on: batches per epoch, samples and processes (None: not known)."""
-    n_samples = None
-    for source in (getattr(dl, "dataset", None), getattr(dl, "ds", None)):
-        if source is not None and hasattr(source, "__len__"):
-            n_samples = len(source)
-            break
-    else:
-        n_samples = getattr(dl, "n", None) if isinstance(getattr(dl, "n", None), int) else None
-    return {"n_batches": len(dl) if hasattr(dl, "__len__") else None, "n_samples": n_samples,
+    sources = [getattr(dl, "dataset", None), getattr(dl, "ds", None)]  # torch's DataLoader; looplab.data's
+    n_samples = next((n for n in (_length(s) for s in sources if s is not None) if n is not None), None)
+    if n_samples is None and isinstance(getattr(dl, "n", None), int):  # looplab.data's in-memory loader
+        n_samples = dl.n
+    return {"n_batches": _length(dl), "n_samples": n_samples,
             "world_size": torch.distributed.get_world_size() if _distributed() else 1}
 
 
@@ -357,6 +361,8 @@ class Resume(Callback):
     whole checkpoint fits (model, optimizer, gradients, data), then loads it: a ValueError naming the file leaves
     everything as it was. A mid-epoch checkpoint of other data (batches per epoch, samples, processes) is an error;
     with `strict=False`, a warning, and that epoch restarts from its first batch.
+    `folder` is where it reads and `loaded` the file it loaded (None before): a `Checkpoint` writing into `folder`
+    continues that file's run.
     """
     order = 10_000
     during_lr_find = False
