@@ -5,7 +5,6 @@ Every level of the loop has the same shape (`_with_events`): fire `before_X`, ru
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from torch import nn
 from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
+from .checks import check_int, check_lr
 from .data import DataLoaders
 from .io import atomic_save, safe_load
 from .metrics import check_metrics
@@ -25,13 +25,6 @@ from .shortcuts import FeatureMethods
 from .util import batch_on, cat_batches, detached, output_loss, unwrap_model
 
 __all__ = ["Learner"]
-
-
-def _check_lr(lr: Any) -> None:
-    values = [lr.start, lr.stop] if isinstance(lr, slice) else [lr]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"lr must be a positive finite number (or a slice of two), got {lr!r}")
 
 
 def _as_list(cbs) -> list:
@@ -84,8 +77,9 @@ class Learner(FeatureMethods):
                   "iter", "n_iter", "train_iter", "exception")
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable | None = None,
-                 opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3, cbs: Callback | Iterable[Callback] = (),
-                 metrics: Callable | Iterable[Callable] = (), splitter: Callable | None = None, progress: bool = True):
+                 opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3,
+                 cbs: Callback | Iterable[Callback] = (), metrics: Callable | Iterable[Callable] = (),
+                 splitter: Callable | None = None, progress: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_func is not None and not callable(loss_func):
@@ -96,7 +90,7 @@ class Learner(FeatureMethods):
             self.dls = DataLoaders(*data)
         else:
             raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
-        _check_lr(lr)
+        check_lr(lr)
         self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
         self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
@@ -177,10 +171,9 @@ class Learner(FeatureMethods):
         `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
         However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged.
         """
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
-            raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}")
+        check_int("n_epochs", n_epochs, 0)
         if lr is not None:
-            _check_lr(lr)
+            check_lr(lr)
         for name, dl in (("training", self.dls.train), ("validation", self.dls.valid)):
             if dl is not None and hasattr(dl, "__len__") and len(dl) == 0:
                 raise ValueError(f"the {name} data is empty: it yields no batches")
@@ -188,7 +181,9 @@ class Learner(FeatureMethods):
             raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
         cbs = _as_list(cbs)
         if resume_from is not None:
-            from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
+            from .callbacks.checkpoint import (
+                Resume,  # resuming is a feature; the loop only runs it
+            )
             cbs.insert(0, Resume(resume_from))
         self.add_cbs(cbs)
         try:

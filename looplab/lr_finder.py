@@ -3,7 +3,8 @@
 `lr_find` runs a short trial fit with the lr growing geometrically, then puts back everything the trial touched —
 weights, train/eval modes, gradients, optimizer state and lrs, the state of every callback that took part (those
 with `during_lr_find = False` sit it out untouched), the loaders' position, the loop state and the python / numpy /
-torch / CUDA RNG states — so a fit after it is bit-identical to the same fit on a fresh Learner (fastai restores only weights and optimizer; its users see lr_find change later results, fastai #3013).
+torch / CUDA RNG states — so a fit after it is bit-identical to the same fit on a fresh Learner (fastai restores
+only weights and optimizer; its users see lr_find change later results, fastai #3013).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .callback import Callback, CancelFit, CancelValidate
+from .checks import check_int, check_number
 from .repro import get_rng_state, set_rng_state
 from .schedules import group_ratios
 from .util import unwrap_model
@@ -139,7 +141,8 @@ class LRFinder(Callback):
         if not self.learn.training:
             return
         smooth = self.losses[-1]
-        if len(self.losses) >= self.num_it or (self.stop_div and (not math.isfinite(smooth) or smooth > 4 * self._best)):
+        diverged = self.stop_div and (not math.isfinite(smooth) or smooth > 4 * self._best)
+        if len(self.losses) >= self.num_it or diverged:
             raise CancelFit()
 
     def before_validate(self):
@@ -188,13 +191,11 @@ def _to_cpu(obj):
 
 
 def _check_lr_find_args(start_lr, end_lr, num_it) -> None:
-    for name, v in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    check_number("start_lr", start_lr, 0, low_open=True)
+    check_number("end_lr", end_lr, 0, low_open=True)
     if end_lr <= start_lr:
         raise ValueError(f"end_lr must be larger than start_lr, got start_lr={start_lr!r}, end_lr={end_lr!r}")
-    if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
-        raise ValueError(f"num_it must be an int >= 2, got {num_it!r}")
+    check_int("num_it", num_it, 2)
 
 
 def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,

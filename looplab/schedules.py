@@ -11,6 +11,8 @@ import math
 from functools import partial
 from typing import Callable, Sequence
 
+from .checks import check_int, check_number
+
 __all__ = ["sched_lin", "sched_cos", "sched_exp", "sched_poly", "sched_const", "combine_scheds",
            "cyclic_triangular", "sched_sgdr", "sgdr_schedule", "scale_for_batch", "group_ratios"]
 
@@ -18,11 +20,7 @@ Schedule = Callable[[float], float]
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= 0 if allow_zero else value > 0))
-    if not ok:
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, "
-                         f"got {value!r}")
+    check_number(name, value, 0, low_open=not allow_zero)
 
 
 def sched_lin(start: float, end: float, pos: float) -> float:
@@ -94,8 +92,7 @@ def cyclic_triangular(lr_min: float, lr_max: float, iteration: int, step_size: i
     has an absolute value; this is the paper's formula.) Use with `ParamScheduler` as
     `lambda pos: cyclic_triangular(lo, hi, round(pos * n_steps), step_size)`.
     """
-    if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
-        raise ValueError(f"step_size must be a positive int, got {step_size!r}")
+    check_int("step_size", step_size, 1)
     cycle = math.floor(1 + iteration / (2 * step_size))
     x = abs(iteration / step_size - 2 * cycle + 1)
     return lr_min + (lr_max - lr_min) * max(0.0, 1 - x)
@@ -109,8 +106,7 @@ def sched_sgdr(start: float, end: float, pos: float, n_cycles: int, cycle_mult: 
 
 def sgdr_schedule(start: float, end: float, n_cycles: int, cycle_mult: float = 2.0) -> Schedule:
     """`sched_sgdr` as a schedule `f(pos)`, built once (cycle k takes a fraction of training ∝ cycle_mult ** k)."""
-    if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
-        raise ValueError(f"n_cycles must be a positive int, got {n_cycles!r}")
+    check_int("n_cycles", n_cycles, 1)
     _check_positive("cycle_mult", cycle_mult)
     lengths = [float(cycle_mult) ** k for k in range(n_cycles)]
     total = math.fsum(lengths)
@@ -125,9 +121,8 @@ def scale_for_batch(lr: float, warmup: float, base_bs: int, bs: int, rule: str =
     """
     _check_positive("lr", lr)
     _check_positive("warmup", warmup, allow_zero=True)
-    for name, v in (("base_bs", base_bs), ("bs", bs)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_int("base_bs", base_bs, 1)
+    check_int("bs", bs, 1)
     k = bs / base_bs
     if rule == "linear":
         return lr * k, warmup

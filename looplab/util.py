@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "first_tensor", "is_main_process",
+__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "first_tensor",
+           "is_main_process",
            "CopySafeHook"]
 
 
@@ -35,7 +36,9 @@ def tree_map(fn: Callable[[torch.Tensor], Any], obj):
         return fn(obj)
     if isinstance(obj, tuple):
         items = [tree_map(fn, o) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items) if type(obj) is tuple else type(obj)(items)
+        if hasattr(obj, "_fields"):  # a named tuple
+            return type(obj)(*items)
+        return tuple(items) if type(obj) is tuple else type(obj)(items)
     if isinstance(obj, list):
         return [tree_map(fn, o) for o in obj]
     if isinstance(obj, Mapping):

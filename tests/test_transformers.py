@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from transformers.modeling_outputs import ModelOutput  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
 
-from looplab import (EMA, ActivationCheckpointing, Callback, DataLoaders, GradientAccumulation,  # noqa: E402
+from looplab import (EMA, ActivationCheckpointing, Callback, GradientAccumulation,  # noqa: E402
                      GradientClip, Learner, MixedPrecision, MixUp)
 from looplab.callbacks import Compile  # noqa: E402
 

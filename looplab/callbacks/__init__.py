@@ -6,7 +6,9 @@ from .averaging import EMA, SWA
 from .checkpoint import Checkpoint, Resume
 from .clip import GradientClip
 from .compile import Compile
-from .distributed import DistributedDataParallel  # looplab's callback (wraps torch's class of that name)
+from .distributed import (
+           DistributedDataParallel,  # looplab's callback (wraps torch's class of that name)
+)
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
 from .progress import ProgressBar
@@ -17,4 +19,5 @@ from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 
 __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
-           "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel", "Compile"]
+           "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
+           "Compile"]

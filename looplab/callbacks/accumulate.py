@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 from ..callback import Callback, CancelBatch
+from ..checks import check_int
 
 __all__ = ["GradientAccumulation"]
 
@@ -25,9 +26,7 @@ class GradientAccumulation(Callback):
     order = 10  # cancels a micro-batch before MixedPrecision (30) unscales or GradientClip (20) clips
 
     def __init__(self, n_steps: int):
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-        self.n_steps = n_steps
+        self.n_steps = check_int("n_steps", n_steps, 1)
 
     def before_train(self):
         self._pending = False  # gradients accumulated that no step has used yet

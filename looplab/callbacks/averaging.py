@@ -5,10 +5,12 @@ import copy
 import warnings
 
 import torch
+from fastcore.basics import store_attr
 from torch import nn
 
 from ..averaging import update_bn
 from ..callback import Callback
+from ..checks import check_int, check_number
 from ..optim import lrs_for_groups
 from ..schedules import sched_cos
 from ..util import unwrap_model
@@ -42,13 +44,11 @@ class SWA(Callback):
 
     def __init__(self, start_epoch: int, swa_lr: float | slice | None = None, anneal_epochs: int = 0,
                  update_bn: bool = True):
-        for name, v in (("start_epoch", start_epoch), ("anneal_epochs", anneal_epochs)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        lrs = [] if swa_lr is None else [swa_lr.start, swa_lr.stop] if isinstance(swa_lr, slice) else [swa_lr]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in lrs):
-            raise ValueError(f"swa_lr must be None, a number >= 0 or a slice of two, got {swa_lr!r}")
-        self.start_epoch, self.swa_lr, self.anneal_epochs, self.update_bn = start_epoch, swa_lr, anneal_epochs, update_bn
+        check_int("start_epoch", start_epoch, 0)
+        check_int("anneal_epochs", anneal_epochs, 0)
+        for v in [] if swa_lr is None else [swa_lr.start, swa_lr.stop] if isinstance(swa_lr, slice) else [swa_lr]:
+            check_number(f"swa_lr ({swa_lr!r})", v, 0)
+        store_attr("start_epoch, swa_lr, anneal_epochs, update_bn")
         self._reset()
 
     def _reset(self) -> None:
@@ -138,8 +138,7 @@ class EMA(Callback):
     during_lr_find = False
 
     def __init__(self, decay: float = 0.999, validate_with_ema: bool = False):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        check_number("decay", decay, 0, 1)
         self.decay, self.validate_with_ema = float(decay), validate_with_ema
         self.ema_model: nn.Module | None = None
         self._loaded: dict | None = None  # a state loaded before this fit's copy existed

@@ -11,14 +11,9 @@ from collections.abc import Mapping
 import torch
 
 from ..callback import Callback
+from ..checks import check_number
 
 __all__ = ["MixUp", "CutMix"]
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    return float(alpha)
 
 
 def _permute(yb, perm: torch.Tensor):
@@ -43,7 +38,7 @@ class _Mix(Callback):
     order = 40
 
     def __init__(self, alpha: float, key: str | int | None = None):
-        self.alpha, self.key = _check_alpha(alpha), key
+        self.alpha, self.key = check_number("alpha", alpha, 0, low_open=True), key
         a = torch.tensor(self.alpha, dtype=torch.float64)
         self._beta = torch.distributions.Beta(a, a)  # built once: construction validates its arguments
         self.lam: float | None = None  # the λ of the current training batch (for inspection and tests)

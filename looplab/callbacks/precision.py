@@ -1,11 +1,10 @@
 """MixedPrecision: autocast forward passes, with a dynamic loss scale that is logged, exposed and checkpointed."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..callback import Callback, CancelStep
+from ..checks import check_int, check_number
 from ..util import CopySafeHook, tree_map
 
 __all__ = ["MixedPrecision"]
@@ -43,14 +42,10 @@ class MixedPrecision(Callback):
                  backoff_factor: float = 0.5, growth_interval: int = 2000):
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
-        if not (isinstance(growth_factor, (int, float)) and growth_factor > 1):
-            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
-        if not (isinstance(backoff_factor, (int, float)) and 0 < backoff_factor < 1):
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+        check_number("init_scale", init_scale, 0, low_open=True)
+        check_number("growth_factor", growth_factor, 1, low_open=True)
+        check_number("backoff_factor", backoff_factor, 0, 1, low_open=True, high_open=True)
+        check_int("growth_interval", growth_interval, 1)
         self.dtype = dtype
         self._scaler_args = dict(init_scale=float(init_scale), growth_factor=float(growth_factor),
                                  backoff_factor=float(backoff_factor), growth_interval=growth_interval)

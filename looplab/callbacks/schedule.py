@@ -5,12 +5,19 @@ Position of training batch `i` of `N` in the fit (`N = n_epochs * len(train load
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Callable, Iterable
 
 from ..callback import Callback
-from ..schedules import combine_scheds, group_ratios, sched_const, sched_cos, sched_lin, sgdr_schedule
+from ..checks import check_int, check_number
+from ..schedules import (
+    combine_scheds,
+    group_ratios,
+    sched_const,
+    sched_cos,
+    sched_lin,
+    sgdr_schedule,
+)
 
 __all__ = ["ParamScheduler", "fit_one_cycle", "fit_warmup_cos", "fit_flat_cos", "fit_sgdr"]
 
@@ -115,10 +122,8 @@ def _top(lr: float | slice) -> float:
     return float(lr.stop) if isinstance(lr, slice) else float(lr)
 
 
-def _check(name: str, value, low: float = 0.0, high: float = math.inf, closed_low: bool = False) -> None:
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-    if not (number and (low <= value if closed_low else low < value) and value <= high):
-        raise ValueError(f"{name} must be in {'[' if closed_low else '('}{low}, {high}], got {value!r}")
+def _check(name: str, value, low: float = 0.0, high: float | None = None, closed_low: bool = False) -> None:
+    check_number(name, value, low, high, low_open=not closed_low)
 
 
 def _fit(learn, n_epochs: int, lr, scheds: dict, cbs: Iterable[Callback], fit_kwargs: dict) -> None:
@@ -196,8 +201,7 @@ def fit_sgdr(learn, n_cycles: int, cycle_len: int = 1, lr_max: float | slice | N
     """SGDR: `n_cycles` cosine cycles from `lr_max` to `lr_min`, the first `cycle_len` epochs long, each next one
     `cycle_mult` times longer (so the fit lasts `cycle_len * (1 + m + … + m**(n_cycles-1))` epochs)."""
     for name, v in (("n_cycles", n_cycles), ("cycle_len", cycle_len), ("cycle_mult", cycle_mult)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, v, 1)
     _check("lr_min", lr_min, closed_low=True)
     lr_max = _lr_max(learn, lr_max)
     n_epochs = cycle_len * sum(cycle_mult ** k for k in range(n_cycles))

@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from ..callback import Callback, CancelFit
+from ..checks import check_int, check_number
 from ..metrics import metric_name
 from ..util import is_main_process
 
@@ -87,9 +88,7 @@ def _declared_direction(metrics, monitor: str) -> bool | None:
 
 
 def _check_number(name: str, value, low: float, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+    check_number(name, value, low, low_open=strict)
 
 
 class _Tracker(Callback):
@@ -167,10 +166,8 @@ class EarlyStopping(_Tracker):
     during_lr_find = False
 
     def __init__(self, monitor: str = "valid_loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        self.patience = check_int("patience", patience, 1)
         super().__init__(monitor, mode, min_delta)
-        self.patience = patience
         self.stopped_epoch: int | None = None
 
     def before_epoch(self):
@@ -212,8 +209,7 @@ class ReduceLROnPlateau(_Tracker):
 
     def __init__(self, monitor: str = "valid_loss", patience: int = 2, factor: float = 10.0, min_lr: float = 0.0,
                  mode: str = "auto", min_delta: float = 0.0):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        check_int("patience", patience, 1)
         _check_number("factor", factor, 1.0, strict=True)
         _check_number("min_lr", min_lr, 0.0)
         super().__init__(monitor, mode, min_delta)
