@@ -47,8 +47,44 @@ def test_recorder_records_plain_floats_per_step_and_per_epoch():
     with pytest.raises(KeyError, match="nope"):
         rec.series("nope")
     state = rec.state_dict()
-    torch.save(state, "/dev/null")  # plain data: no tensors or graphs anywhere in it
-    assert not any(isinstance(v, torch.Tensor) for v in state["losses"])
+
+    def tensors_in(obj):
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+        return [t for o in obj for t in tensors_in(o)] if isinstance(obj, (list, tuple)) else []
+    assert tensors_in(state) == []  # plain data: no tensors or graphs anywhere in it
+    assert tensors_in([v for k, v in vars(rec).items() if k != "learn"]) == []
+
+
+class OnAccelerator(torch.Tensor):
+    """A CPU tensor that says it is not on the CPU: drives the Recorder's deferred (accelerator) path here."""
+
+    @property
+    def is_cpu(self):
+        return False
+
+
+def test_values_kept_as_tensors_on_an_accelerator_become_floats_at_the_epoch_end():
+    class LogDeferred(Callback):
+        def after_loss(self):
+            if self.learn.training:
+                self.learn.recorder.log("deferred", (self.learn.loss.detach() * 2).as_subclass(OnAccelerator))
+
+        def after_batch(self):  # within the epoch the value is still a tensor: no host sync was made
+            if self.learn.training:
+                entry = self.learn.recorder._series["deferred"][-1][1]
+                self.kept = isinstance(entry, torch.Tensor)
+
+    cb = LogDeferred()
+    learn = make_learner(cbs=[cb])
+    learn.fit(2)
+    assert cb.kept
+    values = learn.recorder.series("deferred")
+    assert all(type(v) is float for _, v in values)
+    assert [v for _, v in values] == pytest.approx([2 * x for x in learn.recorder.losses])
+    assert all(type(e[1]) is float for e in learn.recorder.state_dict()["series"]["deferred"])
 
 
 def test_recorder_losses_match_a_hand_computed_loss():

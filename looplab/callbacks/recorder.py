@@ -133,6 +133,7 @@ class Recorder(Callback):
     # ---- events --------------------------------------------------------------------------------------------
     def before_fit(self):
         self._reset()
+        self._epoch_t0 = time.perf_counter()  # also for an epoch whose before_epoch a Cancel cut short
 
     def before_epoch(self):
         self._epoch_t0 = time.perf_counter()
