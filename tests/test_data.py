@@ -61,7 +61,7 @@ def test_ranks_draw_different_augmentations_for_their_shares():
         dl = loader(0, bs=4)
         dl.set_distributed(rank, 2)
         shares.append(epoch(dl))
-    (ids0, s0), (ids1, s1) = shares
+    (ids0, _), (ids1, _) = shares
     assert not set(ids0) & set(ids1) and sorted(ids0 + ids1) == list(range(24))
     noise = [s[i] - torch.tensor([float(i)] * 3) for ids, s in shares for i in ids[:4]]  # first global batch
     assert all(not torch.equal(noise[a], noise[b]) for a in range(8) for b in range(a))
