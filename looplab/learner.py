@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
+from .callbacks.order import Order
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
 from .checks import check_int, check_lr
 from .data import DataLoaders
 from .io import atomic_save, safe_load
+from .loading import check_model_state, check_optimizer_state
 from .metrics import check_metrics
 from .optim import param_groups, set_group_lrs
 from .shortcuts import FeatureMethods
@@ -336,7 +338,6 @@ class Learner(FeatureMethods):
         Everything is checked before anything changes: a file that does not fit the model (keys, shapes) or the
         optimizer (its class, parameter groups) is a ValueError naming the file and what differs.
         """
-        from .loading import check_model_state, check_optimizer_state
         state = safe_load(path, map_location=self.device)
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
@@ -351,7 +352,7 @@ class Learner(FeatureMethods):
 
 class _GatherPreds(Callback):
     """Collects predictions and targets of a validation phase, for `get_preds`."""
-    order = 100
+    order = Order.GATHER
 
     def before_validate(self):
         self.preds, self.targets = [], []

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .callback import Callback, CancelFit, CancelValidate
+from .callbacks.order import Order
 from .checks import check_int, check_number
 from .repro import get_rng_state, set_rng_state
 from .schedules import group_ratios
@@ -108,7 +109,7 @@ class LRFinder(Callback):
 
     Reads each loss on the host (one sync per step): deciding when to stop needs the value.
     """
-    order = 55  # after the Recorder (50): sees the loss it records, and its before_validate ran before we cancel
+    order = Order.TRACKERS  # sees the loss the Recorder records; its before_validate ran before we cancel
 
     def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, stop_div: bool = True,
                  beta: float = 0.98):

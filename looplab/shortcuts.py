@@ -5,8 +5,8 @@ real signature and docstring and says where it lives. The Learner inherits them;
 """
 from __future__ import annotations
 
-from .callbacks import schedule
 from . import lr_finder, optim
+from .callbacks import schedule
 
 __all__ = ["FeatureMethods"]
 

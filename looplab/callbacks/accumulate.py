@@ -5,6 +5,7 @@ import warnings
 
 from ..callback import Callback, CancelBatch
 from ..checks import check_int
+from .order import Order
 
 __all__ = ["GradientAccumulation"]
 
@@ -23,7 +24,7 @@ class GradientAccumulation(Callback):
     Micro-batches that do not step raise `CancelBatch` in `after_backward`, which skips the step and `zero_grad`;
     callbacks with a higher `order` see neither their `after_backward` nor their step events for those batches.
     """
-    order = 10  # cancels a micro-batch before MixedPrecision (30) unscales or GradientClip (20) clips
+    order = Order.ACCUMULATE
 
     def __init__(self, n_steps: int):
         self.n_steps = check_int("n_steps", n_steps, 1)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..callback import Callback
 from ..util import unwrap_model
+from .order import Order
 
 __all__ = ["ActivationCheckpointing"]
 
@@ -68,6 +69,8 @@ class ActivationCheckpointing(Callback):
     Batch norm inside a wrapped module updates its running statistics once, as without checkpointing: they are
     restored after the recomputation in backward.
     """
+
+    order = Order.ACTIVATION_CKPT
 
     def __init__(self, modules: type | tuple[type, ...] | Callable[[str, nn.Module], bool]):
         if isinstance(modules, type):

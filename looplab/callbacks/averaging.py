@@ -14,6 +14,7 @@ from ..checks import check_int, check_number
 from ..optim import lrs_for_groups
 from ..schedules import sched_cos
 from ..util import unwrap_model
+from .order import Order
 
 __all__ = ["SWA", "EMA"]
 
@@ -39,7 +40,7 @@ class SWA(Callback):
     training loader's position and the torch RNG (dropout) as they were. With DDP each rank recomputes the
     statistics on its own shard.
     """
-    order = 90
+    order = Order.SWA
     during_lr_find = False
 
     def __init__(self, start_epoch: int, swa_lr: float | slice | None = None, anneal_epochs: int = 0,
@@ -134,7 +135,7 @@ class EMA(Callback):
     `get_preds`) runs on the EMA model, swapped in for the phase and swapped back after it (and in `after_fit`,
     however the fit ends).
     """
-    order = 10  # update before callbacks that save in after_batch
+    order = Order.EMA
     during_lr_find = False
 
     def __init__(self, decay: float = 0.999, validate_with_ema: bool = False):

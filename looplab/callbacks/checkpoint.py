@@ -36,6 +36,7 @@ from ..io import atomic_save, remove_stale_temporaries, safe_load
 from ..loading import check_grads, check_model_state, check_optimizer_state, load_callback_states
 from ..repro import get_rng_state, set_rng_state
 from ..util import is_main_process, unwrap_model
+from .order import Order
 
 __all__ = ["Checkpoint", "Resume", "checkpoint_files", "latest_checkpoint"]
 
@@ -144,9 +145,7 @@ class Checkpoint(Callback):
     at the next scheduled checkpoint (`every_n_steps` or the epoch's end), so there is no extra sync per step.
     Resume with `learn.fit(..., resume_from=dir)`; use one folder per fit.
     """
-    # After everything that updates state in after_batch / after_epoch (the Recorder 50, trackers 55, SWA 90), so a
-    # checkpoint holds the finished step or epoch; before EarlyStopping (100), which stops in after_epoch.
-    order = 95
+    order = Order.CHECKPOINT  # after everything that updates state for the step / epoch (callbacks/order.py)
     during_lr_find = False
 
     def __init__(self, dir: str | os.PathLike, every_n_steps: int | None = None, every_epoch: bool = True,
@@ -364,7 +363,7 @@ class Resume(Callback):
     `folder` is where it reads and `loaded` the file it loaded (None before): a `Checkpoint` writing into `folder`
     continues that file's run.
     """
-    order = 10_000
+    order = Order.RESUME
     during_lr_find = False
 
     def __init__(self, path: str | os.PathLike, strict: bool = True):

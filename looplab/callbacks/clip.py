@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..callback import Callback
+from .order import Order
 
 __all__ = ["GradientClip", "group_by_device", "total_norm", "scale_"]
 
@@ -55,7 +56,7 @@ class GradientClip(Callback):
     devices (a model split across accelerators): the norm is torch's `get_total_norm`, and the coefficient goes to
     each device once.
     """
-    order = 20  # before MixedPrecision (30) performs the step in its before_step
+    order = Order.CLIP
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0, clip_value: float | None = None):
         self.max_norm = _positive("max_norm", max_norm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..callback import Callback
+from .order import Order
 
 __all__ = ["Compile"]
 
@@ -17,7 +18,7 @@ class Compile(Callback):
     and sees the plain module's `state_dict` keys (no `_orig_mod.`), whether a model was compiled by this
     callback or by the user before it was given to the Learner. Under DDP it compiles the DDP wrapper.
     """
-    order = -90  # after DistributedDataParallel (-100) wraps the model; before anything calls it
+    order = Order.COMPILE
 
     def __init__(self, **compile_kwargs):
         self.compile_kwargs = compile_kwargs

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 from ..callback import Callback
+from .order import Order
 
 __all__ = ["DistributedDataParallel"]
 
@@ -54,9 +55,7 @@ class DistributedDataParallel(Callback):
     them, give this callback in `cbs` (the Learner's or the fit's): when several are present, the first one with
     `ddp_kwargs` works (else the first) and the others, such as the one the Learner adds, stay idle.
     """
-    order = -100  # before_fit: the group must exist, and the model be on its device, before any other callback
-    #               looks (is_main_process(), learn.device); after_loss: the global loss before the Recorder (50)
-    #               records it
+    order = Order.DISTRIBUTED  # see looplab/callbacks/order.py
 
     def __init__(self, **ddp_kwargs):
         self.ddp_kwargs = ddp_kwargs

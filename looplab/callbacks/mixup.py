@@ -12,6 +12,7 @@ import torch
 
 from ..callback import Callback
 from ..checks import check_number
+from .order import Order
 
 __all__ = ["MixUp", "CutMix"]
 
@@ -35,7 +36,7 @@ class _Mix(Callback):
     loss works (no one-hot targets). The loop has already computed `loss_func(pred, y_a)` as `learn.loss`; only the
     `y_b` term is new. Order 40: before the Recorder (50), which records the mixed loss.
     """
-    order = 40
+    order = Order.MIX
 
     def __init__(self, alpha: float, key: str | int | None = None):
         self.alpha, self.key = check_number("alpha", alpha, 0, low_open=True), key

@@ -6,6 +6,7 @@ import torch
 from ..callback import Callback, CancelStep
 from ..checks import check_int, check_number
 from ..util import CopySafeHook, tree_map
+from .order import Order
 
 __all__ = ["MixedPrecision"]
 
@@ -36,7 +37,7 @@ class MixedPrecision(Callback):
     The autocast hooks on the model are removed after every fit, however it ends, and a `deepcopy` of the model
     taken during the fit (EMA, a user's snapshot) gets inert hooks, never this callback.
     """
-    order = 30  # after GradientAccumulation (10) cancels micro-batches, GradientClip (20) clips; before Recorder
+    order = Order.PRECISION
 
     def __init__(self, dtype: torch.dtype = torch.float16, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000):

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from ..callback import Callback
 from ..util import is_main_process
+from .order import Order
 
 __all__ = ["ProgressBar"]
 
@@ -22,7 +23,7 @@ class ProgressBar(Callback):
     The bar is redrawn at most every `refresh_s` seconds, not every batch, so it costs the per-batch path one
     clock read and a comparison; the running loss it shows is the mean since the last redraw.
     """
-    order = 60  # after the Recorder, whose values it shows
+    order = Order.PROGRESS
 
     def __init__(self, refresh_s: float = 0.25):
         self.refresh_s = refresh_s

@@ -12,6 +12,7 @@ from torch import nn
 from ..callback import Callback
 from ..metrics import check_metrics, is_metric_object, metric_name
 from ..util import first_tensor
+from .order import Order
 
 __all__ = ["Recorder"]
 
@@ -62,7 +63,7 @@ class Recorder(Callback):
     `learn.device`, and takes what it returns (the sums over all processes) in its place. Metric objects combine
     their own state across processes in `compute()`.
     """
-    order = 50  # after callbacks that replace the loss in after_loss
+    order = Order.RECORDER
 
     def __init__(self):
         self._reset()

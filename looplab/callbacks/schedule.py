@@ -10,14 +10,8 @@ from typing import Callable, Iterable
 
 from ..callback import Callback
 from ..checks import check_int, check_number
-from ..schedules import (
-    combine_scheds,
-    group_ratios,
-    sched_const,
-    sched_cos,
-    sched_lin,
-    sgdr_schedule,
-)
+from ..schedules import combine_scheds, group_ratios, sched_const, sched_cos, sched_lin, sgdr_schedule
+from .order import Order
 
 __all__ = ["ParamScheduler", "fit_one_cycle", "fit_warmup_cos", "fit_flat_cos", "fit_sgdr"]
 
@@ -54,7 +48,7 @@ class ParamScheduler(Callback):
     (Adam family, Lion); `wd` is `weight_decay`; any other name is a param-group key. The values in force are
     logged to the Recorder under their names (the Recorder logs `lr` itself).
     """
-    order = 10  # before anything that reads the hyper-parameters of this batch
+    order = Order.SCHEDULE
     during_lr_find = False  # the LR finder sets the lr itself
 
     def __init__(self, scheds: dict[str, Callable[[float], float]]):

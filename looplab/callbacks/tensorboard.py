@@ -7,6 +7,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..callback import Callback
 from ..util import is_main_process, unwrap_model
+from .order import Order
 
 __all__ = ["TensorBoard"]
 
@@ -22,7 +23,7 @@ class TensorBoard(Callback):
     `step_base` is that offset, and a checkpoint carries it, so a resumed fit writes where the interrupted one
     would have. Use a new `log_dir` (or a new TensorBoard callback) for a separate run.
     """
-    order = 70  # after the Recorder has flushed its values for the epoch
+    order = Order.TENSORBOARD
     during_lr_find = False
 
     def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True):

@@ -19,6 +19,7 @@ from ..callback import Callback, CancelFit
 from ..checks import check_int, check_number
 from ..metrics import metric_name
 from ..util import is_main_process
+from .order import Order
 
 __all__ = ["EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "resolve_mode", "name_direction"]
 
@@ -101,7 +102,7 @@ class _Tracker(Callback):
     `mode` is "min" or "max" once known: at construction when the name says (or `mode=` does), else in
     `before_fit`, where `mode="auto"` is resolved against the Learner's metrics (see the module docstring).
     """
-    order = 55  # after the Recorder (50) has appended this epoch's history row
+    order = Order.TRACKERS
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
         if not isinstance(monitor, str) or not monitor:
@@ -162,7 +163,7 @@ class EarlyStopping(_Tracker):
     Stops in `after_epoch` with order 100, after progress, logging and checkpoint callbacks have seen the epoch
     (a checkpoint written then already counts this epoch: see `_Tracker`).
     """
-    order = 100
+    order = Order.EARLY_STOPPING
     during_lr_find = False
 
     def __init__(self, monitor: str = "valid_loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0):
@@ -229,7 +230,7 @@ class TerminateOnNaN(Callback):
     Checked in `after_loss` (after MixUp-style callbacks replaced the loss, order 45), it costs one host sync per
     training step (reading whether the loss is finite): the price of stopping before the step rather than after.
     """
-    order = 45
+    order = Order.TERMINATE_ON_NAN
 
     def __init__(self):
         self.stopped_at: int | None = None  # the train_iter of the non-finite loss
