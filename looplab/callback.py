@@ -1,10 +1,7 @@
 """Callbacks, the event names, the Cancel* exceptions and the dispatch table.
 
-A callback is a plain object whose methods are named after events. The Learner fires an event by running, in
-`order`, the callbacks that define a method of that name. Which callbacks those are is computed once per fit
-(and again only when the callback list changes) by `build_table`, so firing an event in the per-batch path is a
-dict lookup and a loop over exactly the callbacks that care.
-"""
+A callback's methods are named after events; the Learner runs, in `order`, those of the callbacks that define one.
+`build_table` computes which, once per fit (and when the callbacks change): firing an event is a dict lookup."""
 from __future__ import annotations
 
 import inspect

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_lr"]
+__all__ = ["check_int", "check_number", "check_lr", "check_learner", "check_fit", "check_phase_loader",
+           "no_batches"]
 
 
 def _is_number(value: Any) -> bool:
@@ -52,3 +53,50 @@ def check_lr(lr: Any, name: str = "lr") -> float | slice:
     if not all(_is_number(v) and math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{name} must be a positive finite number (or a slice of two), got {lr!r}")
     return lr
+
+
+def check_fit(n_epochs: Any, lr: Any, dls, model) -> None:
+    """What `fit` needs before it starts: a number of epochs, an lr (or None), non-empty loaders, something to train."""
+    check_int("n_epochs", n_epochs, 0)
+    if lr is not None:
+        check_lr(lr)
+    for name, dl in (("training", dls.train), ("validation", dls.valid)):
+        if dl is not None and hasattr(dl, "__len__") and len(dl) == 0:
+            raise ValueError(f"the {name} data is empty: it yields no batches")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
+
+
+def no_batches(dl, name: str, yielded_before: bool) -> None:
+    """The error for a phase whose loader yielded nothing: empty, or a one-shot iterator already used up."""
+    if yielded_before:
+        raise ValueError(f"the {name} data ({type(dl).__name__}) yielded batches in an earlier epoch and none now: "
+                         f"a single-pass iterator (e.g. a generator) was given; pass a list, a DataLoader, or an "
+                         f"object whose __iter__ starts afresh")
+    raise ValueError(f"the {name} data is empty: {type(dl).__name__} yielded no batches")
+
+
+def check_learner(model, data, loss_func, lr):
+    """The Learner's arguments; returns `data` as DataLoaders (a `(train, valid)` pair is wrapped)."""
+    from torch import nn
+
+    from .data import DataLoaders
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f"loss_func must be callable or None (the model's own loss), got {loss_func!r}")
+    check_lr(lr)
+    if isinstance(data, DataLoaders):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return DataLoaders(*data)
+    raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
+
+
+def check_phase_loader(dl):
+    """The loader of a `validate` / `get_preds` phase: there is one, and it is not empty."""
+    if dl is None:
+        raise ValueError("there is no validation data: pass dl=")
+    if hasattr(dl, "__len__") and len(dl) == 0:
+        raise ValueError(f"dl is empty: {type(dl).__name__} of length 0 yields no batches")
+    return dl

@@ -14,17 +14,16 @@ import torch
 from torch import nn
 
 from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
-from .callbacks.order import Order
+from .callbacks.gather import GatherPreds
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
-from .checks import check_int, check_lr
+from .checks import check_fit, check_learner, check_phase_loader, no_batches
 from .data import DataLoaders
-from .io import atomic_save, safe_load
-from .loading import check_model_state, check_optimizer_state
+from .loading import load_learner, save_learner
 from .metrics import check_metrics
 from .optim import param_groups, set_group_lrs
 from .shortcuts import FeatureMethods
-from .util import batch_on, cat_batches, detached, output_loss, unwrap_model
+from .util import batch_on, cat_batches, output_loss
 
 __all__ = ["Learner"]
 
@@ -32,14 +31,6 @@ __all__ = ["Learner"]
 def _as_list(cbs) -> list:
     """A lone callback, or an iterable of them, as a list."""
     return [cbs] if isinstance(cbs, Callback) else list(cbs)
-
-
-def _no_batches(dl, name: str, yielded_before: bool) -> None:
-    if yielded_before:
-        raise ValueError(f"the {name} data ({type(dl).__name__}) yielded batches in an earlier epoch and none now: "
-                         f"a single-pass iterator (e.g. a generator) was given; pass a list, a DataLoader, or an "
-                         f"object whose __iter__ starts afresh")
-    raise ValueError(f"the {name} data is empty: {type(dl).__name__} yielded no batches")
 
 
 # level -> its event names and Cancel exception, built once
@@ -82,17 +73,7 @@ class Learner(FeatureMethods):
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3,
                  cbs: Callback | Iterable[Callback] = (), metrics: Callable | Iterable[Callable] = (),
                  splitter: Callable | None = None, progress: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss_func is not None and not callable(loss_func):
-            raise TypeError(f"loss_func must be callable or None (the model's own loss), got {loss_func!r}")
-        if isinstance(data, DataLoaders):
-            self.dls = data
-        elif isinstance(data, (tuple, list)) and len(data) == 2:
-            self.dls = DataLoaders(*data)
-        else:
-            raise TypeError(f"data must be a DataLoaders or a (train, valid) pair, got {type(data).__name__}")
-        check_lr(lr)
+        self.dls = check_learner(model, data, loss_func, lr)
         self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
         self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
@@ -169,23 +150,12 @@ class Learner(FeatureMethods):
     def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
             resume_from: str | os.PathLike | None = None) -> None:
         """Train for `n_epochs`. `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
-
         `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
-        However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged.
-        """
-        check_int("n_epochs", n_epochs, 0)
-        if lr is not None:
-            check_lr(lr)
-        for name, dl in (("training", self.dls.train), ("validation", self.dls.valid)):
-            if dl is not None and hasattr(dl, "__len__") and len(dl) == 0:
-                raise ValueError(f"the {name} data is empty: it yields no batches")
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
+        However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged."""
+        check_fit(n_epochs, lr, self.dls, self.model)
         cbs = _as_list(cbs)
         if resume_from is not None:
-            from .callbacks.checkpoint import (
-                Resume,  # resuming is a feature; the loop only runs it
-            )
+            from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
             cbs.insert(0, Resume(resume_from))
         self.add_cbs(cbs)
         try:
@@ -196,42 +166,32 @@ class Learner(FeatureMethods):
             self.remove_cbs(cbs)
 
     def _run_fit(self) -> None:
-        """The fit level: as `_with_events`, except that `after_fit` runs however the fit ends.
-
-        An exception (any, KeyboardInterrupt included) is `self.exception` while `after_fit` runs, so every
-        callback can undo what it set up; then it propagates unchanged. A teardown handler that raises does not
-        stop the others: its error is raised after them (or, if the fit had failed already, warned about).
-        """
-        table = self._table
-        self.exception = None
+        """The fit level, as `_with_events`, but `after_fit` runs however the fit ends: an exception (any, Ctrl-C
+        too) is `self.exception` meanwhile, so callbacks undo what they set up; then it propagates unchanged."""
+        table, self.exception = self._table, None
         try:
             try:
-                for handler in table["before_fit"]:
-                    handler()
+                self._fire("before_fit")
                 self._do_fit()
             except CancelFit:
-                for handler in table["after_cancel_fit"]:
-                    handler()
+                self._fire("after_cancel_fit")
         except BaseException as exc:
             self.exception = exc
-            self._after_fit(table)
             raise
-        self._after_fit(table)
+        finally:
+            self._after_fit(table)
 
     def _after_fit(self, table: dict) -> None:
         errors = []
         for handler in table["after_fit"]:
             try:
                 handler()
-            except BaseException as e:  # noqa: B902 - every handler gets its turn; nothing is swallowed
+            except BaseException as e:  # every handler gets its turn; nothing is swallowed
                 errors.append(e)
-        if self.exception is not None:
-            for e in errors:
-                warnings.warn(f"after_fit raised {type(e).__name__}: {e} while tearing down a fit that failed "
-                              f"with {type(self.exception).__name__}: {self.exception}", RuntimeWarning)
-        elif errors:
-            for e in errors[1:]:
-                warnings.warn(f"after_fit also raised {type(e).__name__}: {e}", RuntimeWarning)
+        for e in errors[self.exception is None:]:  # the first one is raised when the fit itself ran out
+            warnings.warn(f"after_fit raised {type(e).__name__}: {e} (tearing down a fit that "
+                          f"{'raised ' + repr(self.exception) if self.exception else 'ended'})", RuntimeWarning)
+        if errors and self.exception is None:
             raise errors[0]
 
     def _do_fit(self) -> None:
@@ -265,7 +225,7 @@ class Learner(FeatureMethods):
         if n_batches:
             self._yielded.add(id(dl))
         elif self.n_iter is None or self.n_iter > start:
-            _no_batches(dl, "training" if training else "validation", id(dl) in self._yielded)
+            no_batches(dl, "training" if training else "validation", id(dl) in self._yielded)
 
     def _do_batch(self) -> None:
         xb, model = self.xb, self.model
@@ -297,11 +257,7 @@ class Learner(FeatureMethods):
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
         """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
-        cbs, dl = _as_list(cbs), self.dls.valid if dl is None else dl
-        if dl is None:
-            raise ValueError("there is no validation data: pass dl=")
-        if hasattr(dl, "__len__") and len(dl) == 0:
-            raise ValueError(f"dl is empty: {type(dl).__name__} of length 0 yields no batches")
+        cbs, dl = _as_list(cbs), check_phase_loader(self.dls.valid if dl is None else dl)
         saved = {k: getattr(self, k, None) for k in ("model", "dl", "training", "iter", "n_iter")}
         self.add_cbs(cbs)
         try:
@@ -317,46 +273,18 @@ class Learner(FeatureMethods):
         return dict(self.recorder.last_validation)
 
     def get_preds(self, dl: Iterable | None = None) -> tuple[Any, Any]:
-        """`(preds, targets)` over `dl` (default: the validation data), joined along the batch dimension in order.
-
-        Predictions keep their structure: a tensor, a tuple of them, or for a mapping / `ModelOutput` a dict of
-        its non-scalar tensors (`preds["logits"]`). Targets are the batches' `yb` (None when there are none).
-        """
-        gather = _GatherPreds()
+        """`(preds, targets)` over `dl` (default: the validation data), joined along the batch dimension, structure
+        kept (a mapping / `ModelOutput` gives a dict of its non-scalar tensors); targets None when batches have none."""
+        gather = GatherPreds()
         self._run_phase(dl, [gather])
         return cat_batches(gather.preds), cat_batches(gather.targets)
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the model's and the optimizer's state (and the optimizer's class name) to `path` (atomically)."""
-        atomic_save({"model": unwrap_model(self.model).state_dict(), "opt": self.opt.state_dict(),
-                     "opt_class": type(self.opt).__name__}, path)
+        save_learner(self, path)
 
     def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
-        """Load what `save` (or `Checkpoint`) wrote (`weights_only=True`), all or nothing.
-
-        Everything is checked before anything changes: a file that does not fit the model (keys, shapes) or the
-        optimizer (its class, parameter groups) is a ValueError naming the file and what differs.
-        """
-        state = safe_load(path, map_location=self.device)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
-        model, with_opt = unwrap_model(self.model), with_opt and "opt" in state
-        check_model_state(model, state["model"], path)
-        if with_opt:
-            check_optimizer_state(self.opt, state["opt"], state.get("opt_class"), path)
-        model.load_state_dict(state["model"])
-        if with_opt:
-            self.opt.load_state_dict(state["opt"])
-
-
-class _GatherPreds(Callback):
-    """Collects predictions and targets of a validation phase, for `get_preds`."""
-    order = Order.GATHER
-
-    def before_validate(self):
-        self.preds, self.targets = [], []
-
-    def after_loss(self):
-        self.preds.append(detached(self.learn.pred))
-        self.targets.append(detached(self.learn.yb))
+        """Load what `save` (or `Checkpoint`) wrote (`weights_only=True`), all or nothing: a file that does not fit
+        the model (keys, shapes) or the optimizer (class, groups) is a ValueError naming it, and changes nothing."""
+        load_learner(self, path, with_opt)

@@ -12,7 +12,8 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["check_model_state", "check_optimizer_state", "check_grads", "load_callback_states"]
+__all__ = ["check_model_state", "check_optimizer_state", "check_grads", "load_callback_states", "save_learner",
+           "load_learner"]
 
 
 def _listed(names: list[str], limit: int = 8) -> str:
@@ -101,3 +102,27 @@ def load_callback_states(callbacks: dict, saved: dict, file: str | os.PathLike) 
                 vars(restored).update(attributes)
             raise ValueError(f"{str(file)!r}: the state saved for callback {name} does not load into it "
                              f"({type(e).__name__}: {e}); nothing was loaded") from e
+
+
+def save_learner(learn, path: str | os.PathLike) -> None:
+    """`learn.save`: the model's and the optimizer's state and the optimizer's class name, written atomically."""
+    from .io import atomic_save
+    from .util import unwrap_model
+    atomic_save({"model": unwrap_model(learn.model).state_dict(), "opt": learn.opt.state_dict(),
+                 "opt_class": type(learn.opt).__name__}, path)
+
+
+def load_learner(learn, path: str | os.PathLike, with_opt: bool = True) -> None:
+    """`learn.load`: everything is checked before anything changes (see the module docstring)."""
+    from .io import safe_load
+    from .util import unwrap_model
+    state = safe_load(path, map_location=learn.device)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
+    model, with_opt = unwrap_model(learn.model), with_opt and "opt" in state
+    check_model_state(model, state["model"], path)
+    if with_opt:
+        check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), path)
+    model.load_state_dict(state["model"])
+    if with_opt:
+        learn.opt.load_state_dict(state["opt"])

@@ -21,7 +21,8 @@ def lrs_for_groups(lr: float | slice, n_groups: int) -> list[float]:
 
 
 def param_groups(model: nn.Module, splitter: Callable | None, lr: float | slice) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: `splitter(model)` (a list of parameter lists) or one group, each with its lr."""
+    """The optimizer's parameter groups: `splitter(model)` (a list of parameter lists) or one group, each with its
+    lr."""
     groups = [list(model.parameters())] if splitter is None else [list(g) for g in splitter(model)]
     if not groups or not all(groups):
         raise ValueError(f"splitter must return non-empty parameter groups, got sizes {[len(g) for g in groups]}")

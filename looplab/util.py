@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached", "first_tensor",
-           "is_main_process",
+__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached",
+           "first_tensor", "is_main_process",
            "CopySafeHook"]
 
 

@@ -108,7 +108,8 @@ class Recorder(Callback):
             raise ValueError(f"series name must be a non-empty string, got {name!r}")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise ValueError(f"recorder.log({name!r}, …) takes a scalar, got a tensor of shape {tuple(value.shape)}")
+                raise ValueError(f"recorder.log({name!r}, …) takes a scalar, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
             value = value.item() if value.is_cpu else value.detach()
         self._series.setdefault(name, []).append([self.learn.train_iter, value])
 

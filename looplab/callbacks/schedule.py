@@ -125,7 +125,8 @@ def _fit(learn, n_epochs: int, lr, scheds: dict, cbs: Iterable[Callback], fit_kw
 
 
 def fit_one_cycle(learn, n_epochs: int, lr_max: float | slice | None = None, pct_start: float = 0.25,
-                  div: float = 25.0, div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+                  div: float = 25.0, div_final: float = 1e5,
+                  moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
     """One-cycle policy: lr cosine up from `lr_max/div` to `lr_max` over the first `pct_start` of training, then
     cosine down to `lr_max/div_final`; momentum (if `moms`) cosine from moms[0] to moms[1] and back to moms[2].
