@@ -6,6 +6,7 @@ from .callbacks import (EMA, SWA, ActivationCheckpointing, Checkpoint, CutMix, E
                         GradientClip, MixedPrecision, MixUp, ParamScheduler, ProgressBar, Recorder, ReduceLROnPlateau,
                         Resume, SaveBest, TensorBoard, TerminateOnNaN)
 from .callbacks.checkpoint import latest_checkpoint
+from .callbacks.loggers import CSVLogger, MLflowLogger
 from .callbacks.compile import Compile
 from .data import DataLoaders
 from .learner import Learner
@@ -22,4 +23,4 @@ __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "C
            "MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last",
            "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN",
            "Checkpoint", "Resume", "Compile", "latest_checkpoint", "F1Score", "AUROC", "set_seed", "get_rng_state",
-           "set_rng_state"]
+           "set_rng_state", "CSVLogger", "MLflowLogger"]

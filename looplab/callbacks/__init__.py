@@ -9,6 +9,7 @@ from .compile import Compile
 from .distributed import (
            DistributedDataParallel,  # looplab's callback (wraps torch's class of that name)
 )
+from .loggers import CSVLogger, MLflowLogger
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
 from .progress import ProgressBar
@@ -20,4 +21,4 @@ from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
            "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
-           "Compile"]
+           "Compile", "CSVLogger", "MLflowLogger"]

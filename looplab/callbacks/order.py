@@ -21,10 +21,14 @@ recording, and after the schedule set this step's hyper-parameters only if it as
     TRACKERS             55  EarlyStopping / SaveBest / ReduceLROnPlateau counters read the row the Recorder
                              wrote; the LR finder reads the recorded loss
     PROGRESS             60  shows what the Recorder holds
+    PREDICTIONS          65  PredictionHistogram / SamplePredictions read the validation batches after
+                             MixedPrecision cast them back, and publish before the loggers write
     TENSORBOARD          70  writes what the Recorder flushed
+    LOGGERS              75  CSVLogger / MLflowLogger write what the Recorder and the prediction callbacks hold
     SWA                  90  overrides any schedule's lr; averages after the epoch's training
     CHECKPOINT           95  saves after everything above updated its state for the step / epoch
     EARLY_STOPPING      100  stops in after_epoch after logging and checkpointing saw the epoch
+    PRUNE               100  a sweep's pruner stops a hopeless trial after logging and checkpointing saw the epoch
     GATHER              100  get_preds collects predictions after every callback changed them
     RESUME            10000  loads the checkpoint after every other callback's before_fit reset itself
 """
@@ -48,9 +52,12 @@ class Order:
     RECORDER = 50
     TRACKERS = 55
     PROGRESS = 60
+    PREDICTIONS = 65
     TENSORBOARD = 70
+    LOGGERS = 75
     SWA = 90
     CHECKPOINT = 95
     EARLY_STOPPING = 100
+    PRUNE = 100
     GATHER = 100
     RESUME = 10_000
