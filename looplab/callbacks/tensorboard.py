@@ -9,7 +9,30 @@ from ..callback import Callback
 from ..util import is_main_process, unwrap_model
 from .order import Order
 
-__all__ = ["TensorBoard"]
+__all__ = ["TensorBoard", "check_hparams", "write_hparams"]
+
+
+def check_hparams(hparams: dict | None) -> dict | None:
+    """`hparams` for TensorBoard's HParams plugin: None, or a dict of names to numbers, strings or bools."""
+    if hparams is None:
+        return None
+    if not isinstance(hparams, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                                for k, v in hparams.items()):
+        raise ValueError(f"hparams must be a dict of names to numbers, strings or bools, got {hparams!r}")
+    return dict(hparams)
+
+
+def write_hparams(writer: SummaryWriter, hparams: dict, history: list[dict]) -> None:
+    """One HParams session in `writer`'s run: `hparams`, and as its metrics the last history row's values, written
+    as scalars `hparams/<name>` (the HParams tab reads a metric's value from the scalar of its name)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    row = history[-1] if history else {}
+    metrics = {f"hparams/{k}": v for k, v in row.items()
+               if k not in ("epoch", "time", "train_iter") and isinstance(v, float)}
+    for summary in hparams_summaries(hparams, metrics):
+        writer.file_writer.add_summary(summary)
+    for name, value in metrics.items():
+        writer.add_scalar(name, value)
 
 
 class TensorBoard(Callback):
@@ -22,12 +45,16 @@ class TensorBoard(Callback):
     step 0 is written at the earlier fits' total number of steps), so no step of the run is ever written twice;
     `step_base` is that offset, and a checkpoint carries it, so a resumed fit writes where the interrupted one
     would have. Use a new `log_dir` (or a new TensorBoard callback) for a separate run.
+
+    `hparams` (a dict of numbers, strings, bools): the end of the fit writes an HParams session with them, whose
+    metrics are the last history row's values, so TensorBoard's HParams tab compares runs (one `log_dir` each).
     """
     order = Order.TENSORBOARD
     during_lr_find = False
 
-    def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True):
+    def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True, hparams: dict | None = None):
         self.log_dir, self.histograms = str(log_dir), histograms
+        self.hparams = check_hparams(hparams)  # with hparams: an HParams session at the end of the fit
         self.writer = None
         self.step_base, self._next_base = 0, 0
 
@@ -72,6 +99,8 @@ class TensorBoard(Callback):
 
     def after_fit(self):
         self._next_base = self.step_base + len(self.learn.recorder.losses)
+        if self.writer is not None and self.hparams is not None:
+            write_hparams(self.writer, self.hparams, self.learn.recorder.history)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
