@@ -55,9 +55,18 @@ def check_lr(lr: Any, name: str = "lr") -> float | slice:
     return lr
 
 
-def check_fit(n_epochs: Any, lr: Any, dls, model) -> None:
-    """What `fit` needs before it starts: a number of epochs, an lr (or None), non-empty loaders, something to train."""
-    check_int("n_epochs", n_epochs, 0)
+def check_fit(n_epochs: Any, steps: Any, lr: Any, dls, model) -> tuple[int | None, int | None]:
+    """What `fit` needs before it starts: epochs or steps (exactly one), an lr (or None), non-empty loaders,
+    something to train. Returns `(n_epochs, n_steps)`, each None where an unsized training loader leaves it open."""
+    if (n_epochs is None) == (steps is None):
+        raise ValueError(f"give exactly one of n_epochs and steps, got n_epochs={n_epochs!r}, steps={steps!r}")
+    n_batches = len(dls.train) if hasattr(dls.train, "__len__") else None
+    if steps is None:
+        n_epochs = check_int("n_epochs", n_epochs, 0)
+        n_steps = None if n_batches is None else n_epochs * n_batches
+    else:
+        n_steps = check_int("steps", steps, 1)
+        n_epochs = None if not n_batches else -(-n_steps // n_batches)
     if lr is not None:
         check_lr(lr)
     for name, dl in (("training", dls.train), ("validation", dls.valid)):
@@ -65,6 +74,7 @@ def check_fit(n_epochs: Any, lr: Any, dls, model) -> None:
             raise ValueError(f"the {name} data is empty: it yields no batches")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
+    return n_epochs, n_steps
 
 
 def no_batches(dl, name: str, yielded_before: bool) -> None:

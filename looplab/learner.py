@@ -1,8 +1,7 @@
 """The Learner: its state, fit / validate / get_preds / save / load, and the training loop itself.
 
 Every level of the loop has the same shape (`_with_events`): fire `before_X`, run the body; on `CancelX` fire
-`after_cancel_X`; then fire `after_X`. Features are callbacks; the loop knows none of them.
-"""
+`after_cancel_X`; then fire `after_X`. Features are callbacks; the loop knows none of them."""
 from __future__ import annotations
 
 import os
@@ -55,7 +54,8 @@ class Learner(FeatureMethods):
     | loss ✎       | the scalar tensor that will be back-propagated (replace it in `after_loss`)            |
     | training     | True in the training phase, False in validation                                        |
     | epoch ✎      | 0-based epoch; a callback may set it in `before_fit` to start later (resume)          |
-    | n_epochs     | epochs in this fit                                                                     |
+    | n_epochs     | epochs in this fit (`ceil(steps / len(train))` for a fit by steps; None if unsized)   |
+    | n_steps      | training batches this fit runs: `n_epochs * len(train)`, or `steps`                    |
     | iter         | batch index in the current phase of the epoch                                          |
     | n_iter       | batches in the current phase (None for loaders without a length)                       |
     | train_iter ✎ | 0-based index of the current training batch over the whole fit                         |
@@ -67,7 +67,7 @@ class Learner(FeatureMethods):
     then starts from there. `LOOP_STATE` names the per-fit entries of this table (what `lr_find` puts back).
     """
     LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
-                  "iter", "n_iter", "train_iter", "exception")
+                  "n_steps", "iter", "n_iter", "train_iter", "exception")
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable | None = None,
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3,
@@ -77,8 +77,8 @@ class Learner(FeatureMethods):
         self.model, self.loss_func, self.opt_func, self.lr = model, loss_func, opt_func, lr
         self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
-        self.training, self.epoch, self.n_epochs, self.iter, self.n_iter, self.train_iter = False, 0, 0, 0, None, 0
-        self.exception: BaseException | None = None
+        self.training, self.epoch, self.n_epochs, self.n_steps, self.iter, self.n_iter = False, 0, 0, 0, 0, None
+        self.train_iter, self.exception, self._last_step = 0, None, None
         self._yielded: set[int] = set()  # ids of the loaders that have yielded batches (to spot one-shot iterators)
         self.cbs: list[Callback] = []
         self._table: dict = build_table(self.cbs, self)
@@ -90,8 +90,7 @@ class Learner(FeatureMethods):
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     # ---- callbacks -------------------------------------------------------------------------------------------
     def add_cb(self, cb: Callback) -> Callback:
@@ -147,12 +146,13 @@ class Learner(FeatureMethods):
         return done
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self, n_epochs: int, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
-            resume_from: str | os.PathLike | None = None) -> None:
-        """Train for `n_epochs`. `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
+    def fit(self, n_epochs: int | None = None, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
+            resume_from: str | os.PathLike | None = None, *, steps: int | None = None) -> None:
+        """Train for `n_epochs`, or exactly `steps` training batches (the last epoch stops after batch `steps`, its
+        validation still runs). `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
         `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
         However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged."""
-        check_fit(n_epochs, lr, self.dls, self.model)
+        n_epochs, n_steps = check_fit(n_epochs, steps, lr, self.dls, self.model)
         cbs = _as_list(cbs)
         if resume_from is not None:
             from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
@@ -160,7 +160,7 @@ class Learner(FeatureMethods):
         self.add_cbs(cbs)
         try:
             set_group_lrs(self.opt, self.lr if lr is None else lr)
-            self.n_epochs, self.epoch, self.train_iter = n_epochs, 0, 0
+            self.n_epochs, self.n_steps, self._last_step, self.epoch, self.train_iter = n_epochs, n_steps, steps, 0, 0
             self._run_fit()
         finally:
             self.remove_cbs(cbs)
@@ -195,7 +195,7 @@ class Learner(FeatureMethods):
             raise errors[0]
 
     def _do_fit(self) -> None:
-        while self.epoch < self.n_epochs:
+        while self.epoch < self.n_epochs if self.n_epochs is not None else self.train_iter < self._last_step:
             self._with_events(self._do_epoch, "epoch")
             self.epoch += 1
 
@@ -222,6 +222,8 @@ class Learner(FeatureMethods):
                 n_batches += 1
                 if training:
                     self.train_iter += 1
+                    if self.train_iter == self._last_step:
+                        break
         if n_batches:
             self._yielded.add(id(dl))
         elif self.n_iter is None or self.n_iter > start:

@@ -113,21 +113,26 @@ def sgdr_schedule(start: float, end: float, n_cycles: int, cycle_mult: float = 2
     return combine_scheds([length / total for length in lengths], [partial(sched_cos, start, end)] * n_cycles)
 
 
-def scale_for_batch(lr: float, warmup: float, base_bs: int, bs: int, rule: str = "sqrt") -> tuple[float, float]:
-    """Scale an (lr, warmup in epochs) tuned at batch size `base_bs` to batch size `bs` (k = bs / base_bs).
+def scale_for_batch(lr: float, warmup: float, base_bs: int, bs: int, rule: str = "sqrt",
+                    unit: str = "epochs") -> tuple[float, float]:
+    """Scale an (lr, warmup) tuned at batch size `base_bs` to batch size `bs` (k = bs / base_bs).
 
-    `rule="linear"`: lr × k, warmup unchanged (linear scaling rule with gradual warmup). `rule="sqrt"`: LEGW
-    (You et al., seed 003) — lr × √k and the warmup, in epochs, × k.
+    `rule="linear"`: lr × k, warmup (in epochs) unchanged (linear scaling rule with gradual warmup).
+    `rule="sqrt"`: LEGW (You et al., seed 003) — lr × √k and the warmup, in epochs, × k.
+    `unit="steps"`: `warmup` is in optimizer steps, and so is the result (an int). An epoch at batch ×k has 1/k the
+    steps, so LEGW keeps the step count (k× the epochs at 1/k the steps each) and "linear" divides it by k.
     """
+    if unit not in ("epochs", "steps"):
+        raise ValueError(f"unit must be 'epochs' or 'steps', got {unit!r}")
     _check_positive("lr", lr)
     _check_positive("warmup", warmup, allow_zero=True)
     check_int("base_bs", base_bs, 1)
     check_int("bs", bs, 1)
     k = bs / base_bs
     if rule == "linear":
-        return lr * k, warmup
+        return lr * k, (round(warmup / k) if unit == "steps" else warmup)
     if rule == "sqrt":
-        return lr * math.sqrt(k), warmup * k
+        return lr * math.sqrt(k), (round(warmup) if unit == "steps" else warmup * k)
     raise ValueError(f"rule must be 'sqrt' (LEGW) or 'linear', got {rule!r}")
 
 

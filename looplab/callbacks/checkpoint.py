@@ -126,7 +126,7 @@ def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
         "callbacks": {name: cb.state_dict() for name, cb in _named_callbacks(learn.cbs).items()},
         "rng": rng,
         "loop": {"epoch": epoch, "offset": offset, "train_iter": train_iter, "n_epochs": learn.n_epochs,
-                 **_data_shape(learn.dls.train)},
+                 "n_steps": learn.n_steps, **_data_shape(learn.dls.train)},
         "data": data,
     }
 
@@ -381,6 +381,11 @@ class Resume(Callback):
         check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), file)
         check_grads(model, state["grads"], file)
         loop, data = self._checked_position(file, dict(state["loop"]), dict(state["data"]))
+        saved_steps = loop.get("n_steps", learn.n_steps)  # files from before fits by steps have none
+        if saved_steps != learn.n_steps and (self.strict or learn.n_epochs is None):
+            raise ValueError(f"{str(file)!r} was written by a fit of {saved_steps} training steps; this fit has "
+                             f"{learn.n_steps}: its schedules would not continue where they stopped (resume with the "
+                             f"same n_epochs / steps)")
         rngs = state["rng"]
         rank = torch.distributed.get_rank() if _distributed() else 0
         if rank >= len(rngs):

@@ -1,7 +1,7 @@
 """ParamScheduler: any optimizer hyper-parameter as a function of the position in training; the fit_* policies.
 
-Position of training batch `i` of `N` in the fit (`N = n_epochs * len(train loader)`) is `i / N`, with
-`i = learn.train_iter`, so a resumed fit continues the schedule exactly where it stopped.
+Position of training batch `i` of `N` in the fit (`N = learn.n_steps`: `n_epochs * len(train loader)`, or the
+fit's `steps`) is `i / N`, with `i = learn.train_iter`, so a resumed fit continues the schedule exactly.
 """
 from __future__ import annotations
 
@@ -77,10 +77,9 @@ class ParamScheduler(Callback):
         self._ratios_loaded = False  # state loaded during the fit (by Resume) was for this fit only
 
     def before_train(self):
-        n_iter = self.learn.n_iter
-        if not n_iter:
-            raise ValueError("ParamScheduler needs a training loader with a length (to know the position in the fit)")
-        self.n_total = self.learn.n_epochs * n_iter
+        if not self.learn.n_steps:
+            raise ValueError("ParamScheduler needs the fit's length: a training loader with a length, or fit(steps=)")
+        self.n_total = self.learn.n_steps
 
     def before_batch(self):
         learn = self.learn
@@ -124,7 +123,7 @@ def _fit(learn, n_epochs: int, lr, scheds: dict, cbs: Iterable[Callback], fit_kw
     learn.fit(n_epochs, lr=lr, cbs=[ParamScheduler(scheds), *cbs], **fit_kwargs)
 
 
-def fit_one_cycle(learn, n_epochs: int, lr_max: float | slice | None = None, pct_start: float = 0.25,
+def fit_one_cycle(learn, n_epochs: int | None = None, lr_max: float | slice | None = None, pct_start: float = 0.25,
                   div: float = 25.0, div_final: float = 1e5,
                   moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
@@ -132,7 +131,7 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float | slice | None = None, pct
     cosine down to `lr_max/div_final`; momentum (if `moms`) cosine from moms[0] to moms[1] and back to moms[2].
 
     `lr_max=None` uses the Learner's lr; a slice schedules the last group and keeps the others' ratios.
-    `fit_kwargs` (e.g. `resume_from=`) go to `learn.fit`.
+    `fit_kwargs` (e.g. `resume_from=`, or `steps=` instead of `n_epochs`) go to `learn.fit`.
     """
     lr_max = _lr_max(learn, lr_max)
     _check("pct_start", pct_start, 0.0, 1.0, closed_low=True)
@@ -150,19 +149,37 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float | slice | None = None, pct
     _fit(learn, n_epochs, lr_max, scheds, cbs, fit_kwargs)
 
 
-def fit_warmup_cos(learn, n_epochs: int, lr: float | slice | None = None, warmup: float = 0.1,
+def fit_warmup_cos(learn, n_epochs: int | None = None, lr: float | slice | None = None, warmup: float | None = None,
                    warmup_epochs: float | None = None, div: float = 100.0, lr_min: float = 0.0,
-                   cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
+                   cbs: Iterable[Callback] = (), *, warmup_steps: int | None = None, **fit_kwargs) -> None:
     """Linear warmup from `lr/div` to `lr`, then cosine decay to `lr_min`.
 
-    The warmup is `warmup`: a fraction of training if < 1, a number of epochs if >= 1 (a fraction >= 1 would leave
-    no decay); or `warmup_epochs` (epochs, may be fractional, e.g. from `scale_for_batch`), which then takes
-    precedence. `lr=None` uses the Learner's lr.
+    The warmup is one of: `warmup`, a fraction of training if < 1 or a number of epochs if >= 1 (default 0.1);
+    `warmup_epochs` (epochs, may be fractional, e.g. from `scale_for_batch`); `warmup_steps=W`, exactly W
+    training steps: step i (0-based) gets `lr/div + (lr - lr/div)·i/W` for i < W, then the cosine over the rest.
+    `lr=None` uses the Learner's lr. Train for `n_epochs`, or pass `steps=N` (in `fit_kwargs`) instead.
     """
     lr = _lr_max(learn, lr)
+    given = [name for name, v in (("warmup", warmup), ("warmup_epochs", warmup_epochs),
+                                  ("warmup_steps", warmup_steps)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one warmup, got {' and '.join(given)}")
+    n_steps = fit_kwargs.get("steps")
+    if n_steps is None and n_epochs is not None and hasattr(learn.dls.train, "__len__"):
+        n_steps = n_epochs * len(learn.dls.train)
+    if warmup_steps is not None:
+        check_int("warmup_steps", warmup_steps, 0)
+        if n_steps is None or not warmup_steps < n_steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={n_steps}) (the fit's training steps), "
+                             f"got {warmup_steps!r}")
+        warmup = warmup_steps / n_steps
+    warmup = 0.1 if warmup is None and warmup_epochs is None else warmup
     if warmup_epochs is None and not isinstance(warmup, bool) and isinstance(warmup, (int, float)) and warmup >= 1:
         warmup_epochs = warmup
     if warmup_epochs is not None:
+        if n_epochs is None:
+            raise ValueError("a warmup in epochs (warmup >= 1 or warmup_epochs=) needs n_epochs: with steps=, give "
+                             "warmup_steps= or a fraction")
         if not (not isinstance(warmup_epochs, bool) and isinstance(warmup_epochs, (int, float))
                 and 0 <= warmup_epochs < max(n_epochs, 1)):
             raise ValueError(f"a warmup in epochs (warmup >= 1 or warmup_epochs=) must be in [0, n_epochs={n_epochs}), "
@@ -170,7 +187,7 @@ def fit_warmup_cos(learn, n_epochs: int, lr: float | slice | None = None, warmup
         warmup = warmup_epochs / n_epochs if n_epochs else 0.0
     if not (not isinstance(warmup, bool) and isinstance(warmup, (int, float)) and 0 <= warmup < 1):
         raise ValueError(f"warmup must be a fraction of training in [0, 1), got {warmup!r} "
-                         f"(give a number of epochs as warmup_epochs=)")
+                         f"(give a number of epochs as warmup_epochs=, of steps as warmup_steps=)")
     _check("div", div)
     _check("lr_min", lr_min, closed_low=True)
     top = _top(lr)
@@ -179,7 +196,7 @@ def fit_warmup_cos(learn, n_epochs: int, lr: float | slice | None = None, warmup
     _fit(learn, n_epochs, lr, scheds, cbs, fit_kwargs)
 
 
-def fit_flat_cos(learn, n_epochs: int, lr: float | slice | None = None, pct_start: float = 0.75,
+def fit_flat_cos(learn, n_epochs: int | None = None, lr: float | slice | None = None, pct_start: float = 0.75,
                  div_final: float = 1e5, cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
     """Flat lr for the first `pct_start` of training, then cosine down to `lr/div_final`."""
     lr = _lr_max(learn, lr)
@@ -194,11 +211,12 @@ def fit_flat_cos(learn, n_epochs: int, lr: float | slice | None = None, pct_star
 def fit_sgdr(learn, n_cycles: int, cycle_len: int = 1, lr_max: float | slice | None = None,
              cycle_mult: int = 2, lr_min: float = 0.0, cbs: Iterable[Callback] = (), **fit_kwargs) -> None:
     """SGDR: `n_cycles` cosine cycles from `lr_max` to `lr_min`, the first `cycle_len` epochs long, each next one
-    `cycle_mult` times longer (so the fit lasts `cycle_len * (1 + m + … + m**(n_cycles-1))` epochs)."""
+    `cycle_mult` times longer (so the fit lasts `cycle_len * (1 + m + … + m**(n_cycles-1))` epochs). With `steps=N`
+    (in `fit_kwargs`) the cycles, in the same proportions, fill N training steps instead."""
     for name, v in (("n_cycles", n_cycles), ("cycle_len", cycle_len), ("cycle_mult", cycle_mult)):
         check_int(name, v, 1)
     _check("lr_min", lr_min, closed_low=True)
     lr_max = _lr_max(learn, lr_max)
-    n_epochs = cycle_len * sum(cycle_mult ** k for k in range(n_cycles))
+    n_epochs = None if "steps" in fit_kwargs else cycle_len * sum(cycle_mult ** k for k in range(n_cycles))
     scheds = {"lr": sgdr_schedule(_top(lr_max), lr_min, n_cycles, cycle_mult)}
     _fit(learn, n_epochs, lr_max, scheds, cbs, fit_kwargs)
