@@ -12,4 +12,4 @@ NBS = sorted((Path(__file__).parent.parent / "nbs").glob("*.ipynb"))
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPLAB_RUNS", str(tmp_path))  # notebooks write their logs here
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
