@@ -5,6 +5,7 @@ real signature and docstring and says where it lives. The Learner inherits them;
 """
 from __future__ import annotations
 
+from . import interpret as interpretation
 from . import lr_finder, optim
 from .callbacks import schedule
 
@@ -19,6 +20,7 @@ class FeatureMethods:
     fit_sgdr = schedule.fit_sgdr
     lr_find = lr_finder.lr_find
     freeze_to = optim.freeze_to
+    interpret = interpretation.interpret
 
     def unfreeze(self) -> None:
         """Train every parameter group (`freeze_to(0)`)."""

@@ -1,6 +1,8 @@
 """CSVLogger and MLflowLogger, read back with csv and MLflow's own client; resumed fits continue without duplicates."""
 import csv
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplab import Callback, Checkpoint, DataLoaders, Learner
-from looplab.callbacks import CSVLogger, MLflowLogger
+from looplab.callbacks import CSVLogger, MLflowLogger, PredictionHistogram
 from looplab.callbacks.order import Order
 from looplab.metrics import accuracy
 
@@ -107,7 +109,8 @@ def metric_steps(client, run_id, key):
 
 def test_mlflow_run_holds_params_steps_validation_and_artifacts(tracking, monkeypatch):
     logger = MLflowLogger(tracking, experiment_name="exp", run_name="first", log_model=True, flush_s=3600)
-    learn = make_learner([logger])
+    hist = PredictionHistogram(8)
+    learn = make_learner([logger, hist])
     calls = []
     original = MlflowClient.log_batch
     monkeypatch.setattr(MlflowClient, "log_batch", lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
@@ -127,8 +130,11 @@ def test_mlflow_run_holds_params_steps_validation_and_artifacts(tracking, monkey
     assert [v for _, v in valid] == pytest.approx([r["valid_loss"] for r in learn.recorder.history], rel=1e-6)
     assert len(metric_steps(client, logger.run_id, "accuracy")) == 3
     assert len([c for c in calls if c.get("metrics")]) == 1  # batched: one request for the whole (short) fit
-    artifacts = {a.path for d in ("plots", "model") for a in client.list_artifacts(logger.run_id, d)}
-    assert artifacts == {"plots/loss.png", "plots/lr.png", "model/model_state_dict.pt"}
+    artifacts = {a.path for d in ("plots", "model", "histograms") for a in client.list_artifacts(logger.run_id, d)}
+    assert artifacts == {"plots/loss.png", "plots/lr.png", "model/model_state_dict.pt", "histograms/pred_prob.json"}
+    logged = json.loads(Path(client.download_artifacts(logger.run_id, "histograms/pred_prob.json")).read_text())
+    assert [e["step"] for e in logged] == [5, 10, 15]
+    assert logged[-1]["values"] == pytest.approx(hist.history[-1][1].tolist())
     path = client.download_artifacts(logger.run_id, "model/model_state_dict.pt")
     state = torch.load(path, weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in learn.model.state_dict().items())

@@ -12,6 +12,7 @@ from .distributed import (
 from .loggers import CSVLogger, MLflowLogger
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
+from .predictions import PredictionHistogram
 from .progress import ProgressBar
 from .recorder import Recorder
 from .schedule import ParamScheduler
@@ -21,4 +22,5 @@ from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
            "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
-           "Compile", "CSVLogger", "MLflowLogger"]
+           "Compile", "CSVLogger", "MLflowLogger",
+           "PredictionHistogram"]

@@ -6,10 +6,10 @@ written; rows without that key are taken at the number of recorded steps). Both 
 `state_dict`, so a fit resumed from a checkpoint continues the same file or run without a duplicated row or step.
 Only rank 0 writes.
 
-Non-scalar results reach the loggers through one channel: a callback that produces them publishes them as
-`histograms` (`{name: [(train_iter, 1-d numpy array), ...]}`) and/or `tables` (`{name: [(train_iter, list of
-row dicts), ...]}`), appending in order (`PredictionHistogram`, `SamplePredictions`). `published(learn, kind)`
-collects them; a logger writes the entries it has not written yet.
+Non-scalar results reach the loggers through one channel: a callback that produces them publishes them as the
+attribute `published_histograms` (`{name: [(train_iter, 1-d numpy array), ...]}`) and/or `published_tables`
+(`{name: [(train_iter, list of row dicts), ...]}`), appending in order (`PredictionHistogram`).
+`published(learn, "histograms")` collects them; a logger writes the entries it has not written yet.
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ def row_step(learn, row: dict) -> int:
 
 
 def published(learn, kind: str) -> dict[str, list]:
-    """Every callback's published `histograms` or `tables` (see the module docstring), merged by name."""
+    """Every callback's `published_histograms` or `published_tables` (`kind` "histograms" or "tables"; see the
+    module docstring), merged by name."""
     merged: dict[str, list] = {}
     for cb in learn.cbs:
-        for name, entries in (getattr(cb, kind, None) or {}).items():
+        for name, entries in (getattr(cb, f"published_{kind}", None) or {}).items():
             merged.setdefault(name, []).extend(entries)
     return merged
 
@@ -180,7 +181,8 @@ def _import_mlflow():
 
 class MLflowLogger(Callback):
     """Track the fit as an MLflow run: params at the start, every recorded series per step, validation values per
-    history row, the loss/lr plots (and with `log_model=True` the model's `state_dict`) as artifacts.
+    history row, the loss/lr plots, published histograms (`histograms/<name>.json`: each entry's step and values)
+    and with `log_model=True` the model's `state_dict` as artifacts.
 
     `tracking_uri`: e.g. `"sqlite:///mlflow.db"` (a local database) or a tracking server's URL; None: MLflow's
     default (`MLFLOW_TRACKING_URI`, else `./mlruns`). `run_id` names the run once the first epoch starts.
@@ -318,6 +320,9 @@ class MLflowLogger(Callback):
                 for name, fig in (("loss.png", learn.recorder.plot_loss()), ("lr.png", learn.recorder.plot_lr())):
                     fig.savefig(os.path.join(tmp, name))
                     client.log_artifact(self.run_id, os.path.join(tmp, name), "plots")
+            for name, entries in published(learn, "histograms").items():  # e.g. PredictionHistogram's pred_prob
+                client.log_dict(self.run_id, [{"step": int(step), "values": [float(v) for v in values]}
+                                              for step, values in entries], f"histograms/{name}.json")
             if self.log_model:
                 import torch
                 path = os.path.join(tmp, "model_state_dict.pt")

@@ -7,6 +7,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..callback import Callback
 from ..util import is_main_process, unwrap_model
+from .loggers import published
 from .order import Order
 
 __all__ = ["TensorBoard", "check_hparams", "write_hparams"]
@@ -88,6 +89,10 @@ class TensorBoard(Callback):
         if self.histograms:
             for name, p in unwrap_model(self.learn.model).named_parameters():
                 self.writer.add_histogram(name, p.detach().float().cpu(), step)
+        for name, entries in published(self.learn, "histograms").items():  # e.g. PredictionHistogram's
+            for at, values in entries[self.n_written.get(name, 0):]:
+                self.writer.add_histogram(name, values, self.step_base + at)
+            self.n_written[name] = len(entries)
         self.writer.flush()
 
     def state_dict(self) -> dict:
