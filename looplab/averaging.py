@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .io import safe_load
-from .util import to_device, unwrap_model
+from .util import batch_on, unwrap_model
 
 __all__ = ["average_checkpoints", "average_last", "run_files", "update_bn"]
 
@@ -120,7 +121,8 @@ def update_bn(model: nn.Module, batches: Iterable, device: torch.device | str | 
     """Recompute every batch norm's running statistics over `batches`, as `torch.optim.swa_utils.update_bn` does.
 
     Statistics are reset, then accumulated as a plain average (momentum None) in training mode; momenta and the
-    model's mode are restored. `batches` yields `(x, y)` pairs, `x` a tensor or a tuple of model inputs.
+    model's mode are restored. `batches` yields what a Learner's loader does: `(x, y)` pairs (`x` a tensor or a
+    tuple of model inputs) or mappings of model inputs (`model(**batch)`).
     Needed after averaging weights: running statistics of the individual weights do not fit their average.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -131,10 +133,15 @@ def update_bn(model: nn.Module, batches: Iterable, device: torch.device | str | 
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     try:
-        for xb, *_ in batches:
-            xs = xb if isinstance(xb, (tuple, list)) else (xb,)
-            model(*(to_device(x, device) for x in xs))
+        with torch.no_grad():
+            for batch in batches:
+                xb, _ = batch_on(batch, device)
+                if isinstance(xb, Mapping):
+                    model(**xb)
+                else:
+                    model(*xb) if isinstance(xb, tuple) else model(xb)
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum

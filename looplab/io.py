@@ -57,12 +57,13 @@ def is_stale_temporary(path: str | os.PathLike) -> bool:
     return m is not None and m["host"] == _HOST and not _pid_alive(int(m["pid"]))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the provably stale `*.tmp` files in `folder` (see `is_stale_temporary`); returns them.
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*.tmp") -> list[Path]:
+    """Delete the provably stale temporaries matching `pattern` in `folder` (see `is_stale_temporary`); returns them.
 
-    For writers only (`Checkpoint` calls it before writing into a folder): readers never delete anything.
+    For writers only (`Checkpoint` calls it for its own `ckpt-*.tmp` before writing into a folder): readers never
+    delete anything, and files of other names (a user's `notes.tmp`) are never touched.
     """
-    stale = [tmp for tmp in Path(folder).glob("*.tmp") if is_stale_temporary(tmp)]
+    stale = [tmp for tmp in Path(folder).glob(pattern) if is_stale_temporary(tmp)]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

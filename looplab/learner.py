@@ -103,8 +103,8 @@ class Learner(FeatureMethods):
         cbs = _as_list(cbs)
         if not cbs:
             return
-        for cb in cbs:
-            check_callback(cb)
+        for i, cb in enumerate(cbs):
+            check_callback(cb, self.cbs + cbs[:i])
         table = build_table(self.cbs + cbs, self)  # may reject a handler's signature: nothing is attached yet
         for cb in cbs:
             cb.learn = self
@@ -256,7 +256,6 @@ class Learner(FeatureMethods):
     def _do_step(self) -> None:
         self.opt.step()
 
-    # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
         """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
         cbs, dl = _as_list(cbs), check_phase_loader(self.dls.valid if dl is None else dl)
@@ -281,7 +280,6 @@ class Learner(FeatureMethods):
         self._run_phase(dl, [gather])
         return cat_batches(gather.preds), cat_batches(gather.targets)
 
-    # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the model's and the optimizer's state (and the optimizer's class name) to `path` (atomically)."""
         save_learner(self, path)

@@ -213,6 +213,9 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
     # that sit the trial out are not touched at all; those in it get their own state back.
     saved = {
         "weights": _to_cpu(model.state_dict()),
+        # every buffer by module and name: non-persistent ones are not in the state dict; one replaced is set back
+        "buffers": [(model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], b, _to_cpu(b))
+                    for path, b in model.named_buffers()],
         "modes": [(m, m.training) for m in model.modules()],
         "grads": [(p, None if p.grad is None else _to_cpu(p.grad)) for p in model.parameters()],
         "opt": _to_cpu(learn.opt.state_dict()),
@@ -237,6 +240,12 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
             else:
                 setattr(learn, k, v)
         model.load_state_dict(saved["weights"])
+        with torch.no_grad():
+            for module, name, buffer, value in saved["buffers"]:
+                if getattr(module, name) is buffer:
+                    buffer.copy_(value)  # in place: whoever holds the buffer (EMA, a hook) sees it restored
+                else:
+                    setattr(module, name, value.to(buffer.device))
         for m, mode in saved["modes"]:
             m.training = mode
         for p, g in saved["grads"]:

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached",
-           "first_tensor", "is_main_process",
+           "first_tensor", "rebuilt", "is_main_process",
            "CopySafeHook"]
 
 
@@ -42,14 +43,14 @@ def tree_map(fn: Callable[[torch.Tensor], Any], obj):
     if isinstance(obj, list):
         return [tree_map(fn, o) for o in obj]
     if isinstance(obj, Mapping):
-        return _rebuild(obj, {k: tree_map(fn, v) for k, v in obj.items()})
+        return rebuilt(obj, {k: tree_map(fn, v) for k, v in obj.items()})
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: tree_map(fn, getattr(obj, f.name))
                                            for f in dataclasses.fields(obj) if f.init})
     return obj
 
 
-def _rebuild(mapping: Mapping, items: dict):
+def rebuilt(mapping: Mapping, items: dict):
     """A mapping of `mapping`'s type holding `items` (a plain dict when the type cannot be rebuilt)."""
     cls = type(mapping)
     if cls is dict:
@@ -103,21 +104,32 @@ def output_loss(pred, training: bool = True) -> torch.Tensor:
     return loss
 
 
-def cat_batches(parts: list):
+def cat_batches(parts: list, pad_value: float = -100):
     """Batches of predictions or targets joined along the batch dimension, keeping their structure: tensors give
-    a tensor, tuples a tuple, mappings / dataclasses (`ModelOutput`) a dict of their non-scalar tensors."""
+    a tensor, tuples a tuple, mappings / dataclasses (`ModelOutput`) a dict of their non-scalar tensors.
+
+    Tensors whose other dimensions differ from batch to batch (dynamic padding: sequences of varying length) are
+    padded at the end with `pad_value` (-100, the label value losses ignore, as transformers' Trainer pads). Scalars
+    (a per-batch loss in a tuple) are stacked into one value per batch.
+    """
     first = parts[0]
     if first is None:
         return None
     if isinstance(first, torch.Tensor):
+        if first.ndim == 0:
+            return torch.stack(parts)
+        shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
+        if any(list(p.shape[1:]) != shape for p in parts):
+            parts = [F.pad(p, [x for size, have in zip(reversed(shape), reversed(p.shape[1:]))
+                               for x in (0, size - have)], value=pad_value) for p in parts]
         return torch.cat(parts)
     if isinstance(first, (tuple, list)):
-        joined = [cat_batches([p[i] for p in parts]) for i in range(len(first))]
+        joined = [cat_batches([p[i] for p in parts], pad_value) for i in range(len(first))]
         return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
     if dataclasses.is_dataclass(first) and not isinstance(first, Mapping):
         first, parts = vars(first), [vars(p) for p in parts]
     if isinstance(first, Mapping):
-        return {k: cat_batches([p[k] for p in parts]) for k, v in first.items()
+        return {k: cat_batches([p[k] for p in parts], pad_value) for k, v in first.items()
                 if isinstance(v, torch.Tensor) and v.ndim > 0}
     raise TypeError(f"cannot join batches of {type(first).__name__}")
 

@@ -173,7 +173,8 @@ class EMA(Callback):
             torch._foreach_copy_(self._ema_buffers, self._buffers)
 
     def before_validate(self):
-        if self.validate_with_ema and self.ema_model is not None and self._trained_model is None:
+        # (a validate() that raised left `_trained_model` set, with `learn.model` already put back: swap again)
+        if self.validate_with_ema and self.ema_model is not None and self.learn.model is not self.ema_model:
             self._trained_model, self.learn.model = self.learn.model, self.ema_model
 
     def after_validate(self):

@@ -240,7 +240,7 @@ class Checkpoint(Callback):
         self._starting = True
         if is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.dir)
+            remove_stale_temporaries(self.dir, "ckpt-*.tmp")
             existing = checkpoint_files(self.dir)
             if existing and self._resume is None:
                 warnings.warn(f"{str(self.dir)!r} already holds {len(existing)} checkpoint(s) of another run "

@@ -12,6 +12,7 @@ import torch
 
 from ..callback import Callback
 from ..checks import check_number
+from ..util import rebuilt
 from .order import Order
 
 __all__ = ["MixUp", "CutMix"]
@@ -67,6 +68,10 @@ class _Mix(Callback):
                                 f"floating-point input to mix, got key={key!r}")
         elif isinstance(xb, tuple):  # several inputs: mix the first, or the one at index `key`
             key = 0 if key is None else key
+            if isinstance(key, bool) or not isinstance(key, int) or not -len(xb) <= key < len(xb):
+                raise TypeError(f"{self.name}: the batches hold {len(xb)} inputs; key= must be an index among them, "
+                                f"got key={key!r}")
+            key %= len(xb)
         elif key is not None:
             raise TypeError(f"{self.name}(key={key!r}) needs mapping or tuple inputs, got a {type(xb).__name__}")
         x = xb if key is None else xb[key]
@@ -80,7 +85,7 @@ class _Mix(Callback):
         elif isinstance(xb, tuple):
             learn.xb = (*xb[:key], mixed, *xb[key + 1:])
         else:
-            learn.xb = {**xb, key: mixed}
+            learn.xb = rebuilt(xb, {**xb, key: mixed})  # a BatchEncoding stays one
         self._y_b = _permute(learn.yb, perm)
 
     def after_loss(self):

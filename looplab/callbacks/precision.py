@@ -105,10 +105,11 @@ class MixedPrecision(Callback):
                 self.scaler.load_state_dict(state)  # before the scaler's lazy init: it starts from this state
             self._loaded_scaler_state = None
         self._one = torch.ones((), device=learn.device)  # `scaler.scale(one)` reads the scale without a sync
-        self._end_unfinished_iteration()  # an earlier fit may have stopped between unscale_ and step
+        self._end_cancelled_iteration()  # an earlier fit may have stopped between unscale_ and step
 
     def before_batch(self):
-        self._armed = True
+        self._armed, self._backward_cancelled = True, False
+        self._end_cancelled_iteration()  # a CancelTrain / CancelEpoch skipped the last batch's after_batch
 
     def after_pred(self):
         self._armed = False
@@ -142,16 +143,25 @@ class MixedPrecision(Callback):
             raise CancelStep  # weights untouched; after_step still updates (backs off) the scale
 
     def after_step(self):
-        self._end_unfinished_iteration()
+        if self._unscaled:  # the step happened or was skipped; the loop zeroes the gradients next
+            self.scaler.update()
+            self._unscaled = False
 
     def after_batch(self):
         self._armed = False
-        self._end_unfinished_iteration()  # unscaled, but the batch was cancelled before its step events
+        self._end_cancelled_iteration()
 
-    def _end_unfinished_iteration(self) -> None:
-        if self._unscaled:  # GradScaler refuses a second unscale_ until update() ends the iteration
-            self.scaler.update()
-            self._unscaled = False
+    def _end_cancelled_iteration(self) -> None:
+        """Unscaled, but the batch was cancelled before its step events (CancelBatch keeps the gradients for a
+        later step): end the scaler's iteration (it refuses a second unscale_ before update()) and put the kept
+        gradients back into the scale the next backward adds to and the next unscale_ divides by."""
+        if not self._unscaled:
+            return
+        self.scaler.update()
+        self._unscaled = False
+        grads = [p.grad for group in self.learn.opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, self.scaler.scale(self._one))
 
     def after_fit(self):
         self._remove_hooks()

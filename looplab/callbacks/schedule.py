@@ -46,7 +46,8 @@ class ParamScheduler(Callback):
     keeps its ratio to that group (discriminative lrs survive scheduling) and a group at 0 (`weight_decay=0` for
     biases) stays at 0: see `group_ratios`. `mom` is `momentum` (SGD, RMSprop) or `betas[0]`
     (Adam family, Lion); `wd` is `weight_decay`; any other name is a param-group key. The values in force are
-    logged to the Recorder under their names (the Recorder logs `lr` itself).
+    logged to the Recorder under their names (the Recorder logs `lr` itself). After the fit every scheduled
+    hyper-parameter is back at the value it had when the fit started.
     """
     order = Order.SCHEDULE
     during_lr_find = False  # the LR finder sets the lr itself
@@ -60,14 +61,17 @@ class ParamScheduler(Callback):
         self.scheds = dict(scheds)
         self.ratios: dict[str, list[float]] = {}
         self._ratios_loaded = False
+        self._bases: list = []  # (key, index, each group's value when the fit started): put back after it
 
     def before_fit(self):
         groups = self.learn.opt.param_groups
-        self._plan = []
+        self._plan, self._bases = [], []
         ratios = {}
         for name, f in self.scheds.items():
             key, index = _group_key(groups[0], name)
-            ratios[name] = group_ratios([_read(g, key, index) for g in groups])
+            bases = [_read(g, key, index) for g in groups]
+            ratios[name] = group_ratios(bases)
+            self._bases.append((key, index, bases))
             self._plan.append((name, f, key, index, name != "lr"))
         if not self._ratios_loaded:  # a resumed fit keeps the ratios it saved (exact to the bit)
             self.ratios = ratios
@@ -75,6 +79,11 @@ class ParamScheduler(Callback):
 
     def after_fit(self):
         self._ratios_loaded = False  # state loaded during the fit (by Resume) was for this fit only
+        # the groups get back the values they had before the fit: a later fit's ratios start from them (a group
+        # at 0 stays at 0 even if the schedule ended at 0), as they would on a fresh Learner
+        for key, index, bases in self._bases:
+            for group, base in zip(self.learn.opt.param_groups, bases):
+                group[key] = base if index is None else (base, *group[key][1:])
 
     def before_train(self):
         if not self.learn.n_steps:

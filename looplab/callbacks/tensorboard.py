@@ -57,14 +57,14 @@ class TensorBoard(Callback):
         self.log_dir, self.histograms = str(log_dir), histograms
         self.hparams = check_hparams(hparams)  # with hparams: an HParams session at the end of the fit
         self.writer = None
-        self.step_base, self._next_base = 0, 0
+        self.step_base, self._next_base, self._started = 0, 0, False
 
     def before_fit(self):
         self.active = is_main_process()
         if self.active and self.writer is None:
             self.writer = SummaryWriter(self.log_dir)
         self.n_written: dict[str, int] = {}
-        self.step_base = self._next_base
+        self.step_base, self._started = self._next_base, True
 
     def _write_series(self, name: str, pairs) -> None:
         start = self.n_written.get(name, 0)
@@ -103,7 +103,8 @@ class TensorBoard(Callback):
         self.step_base = int(state.get("step_base", 0))
 
     def after_fit(self):
-        self._next_base = self.step_base + len(self.learn.recorder.losses)
+        if self._started:  # not when an earlier callback's before_fit failed before ours ran
+            self._next_base, self._started = self.step_base + len(self.learn.recorder.losses), False
         if self.writer is not None and self.hparams is not None:
             write_hparams(self.writer, self.hparams, self.learn.recorder.history)
         if self.writer is not None:

@@ -32,6 +32,11 @@ HIGHER_IS_BETTER = frozenset({
     "accuracy", "acc", "f1", "f2", "fbeta", "auc", "auroc", "roc", "ap", "map", "precision", "prec", "recall",
     "sensitivity", "specificity", "iou", "miou", "jaccard", "dice", "bleu", "rouge", "meteor", "chrf", "r2", "psnr",
     "ssim", "mcc", "kappa", "ndcg", "mrr", "pearson", "spearman"})
+# Words that turn a name's direction around or make it a difference ("neg_log_loss" is higher-is-better,
+# "accuracy_drop" lower-is-better): a name holding one says nothing for sure, so mode="auto" asks for mode=.
+INVERTING = frozenset({
+    "neg", "negative", "minus", "inv", "inverse", "drop", "gap", "reduction", "improvement", "gain", "delta", "diff",
+    "difference", "decrease", "increase", "change"})
 
 
 def name_tokens(name: str) -> list[str]:
@@ -55,9 +60,12 @@ def name_direction(name: str) -> str | None:
 
     The whole name (lower-cased) is looked up first, then its words (`name_tokens`) and runs of up to three words
     joined ("MeanIoU" -> mean, io, u -> "iou"), from the last word back: of several telling words the last decides,
-    as the head of an English compound does ("dice_loss" is a loss, "error_rate" an error).
+    as the head of an English compound does ("dice_loss" is a loss, "error_rate" an error). A name with a word
+    that may turn the direction around (`INVERTING`: "neg_log_loss", "accuracy_drop") says nothing: None.
     """
     words = name_tokens(name)
+    if any(w in INVERTING for w in words):
+        return None
     candidates = [name.lower(), *("".join(words[start:end + 1]) for end in reversed(range(len(words)))
                                   for start in range(end, max(end - 3, -1), -1))]
     return next((d for d in map(_direction_of, candidates) if d is not None), None)
