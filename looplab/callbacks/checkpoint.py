@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..callback import Callback, CancelFit
+from ..checks import check_int, check_number
 from ..io import atomic_save, remove_stale_temporaries, safe_load
 from ..loading import check_grads, check_model_state, check_optimizer_state, load_callback_states
 from ..repro import get_rng_state, set_rng_state
@@ -132,7 +133,9 @@ def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
 
 
 class Checkpoint(Callback):
-    """Save the complete training state to `dir` every `every_n_steps` training batches and/or after every epoch.
+    """Save the complete training state to `dir` every `every_n_steps` training batches, whenever
+    `every_n_minutes` of wall-clock time passed since the fit started or since the last write (checked between
+    training batches), and/or after every epoch — any combination.
 
     Keeps the newest `keep_last` files of this run's lineage (None: all): the files it wrote, and after a resume
     the files of the run it continues, up to the resume point. Older ones are deleted only once the new one is
@@ -143,17 +146,25 @@ class Checkpoint(Callback):
     In a distributed run only rank 0 writes; every rank's RNG states are saved (callbacks' states are rank 0's: they
     agree across ranks, except the per-step training losses each rank's Recorder keeps), and the ranks agree to stop
     at the next scheduled checkpoint (`every_n_steps` or the epoch's end), so there is no extra sync per step.
+    With `every_n_minutes` under DDP, rank 0's clock decides and the ranks agree on the step in one small
+    all-reduce every `TIME_SYNC_STEPS` (16) training batches, so a timed checkpoint lands within 16 steps of due.
+    Every such file is an exact-resume point. Seed 003's recipe (average the last checkpoints of a long run) is
+    `Checkpoint(dir, every_n_minutes=30, keep_last=10)`, then `looplab.average_last(dir, 10, model)`.
     Resume with `learn.fit(..., resume_from=dir)`; use one folder per fit.
     """
+    TIME_SYNC_STEPS = 16
     order = Order.CHECKPOINT  # after everything that updates state for the step / epoch (callbacks/order.py)
     during_lr_find = False
 
     def __init__(self, dir: str | os.PathLike, every_n_steps: int | None = None, every_epoch: bool = True,
-                 keep_last: int | None = 3):
-        for name, v in (("every_n_steps", every_n_steps), ("keep_last", keep_last)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+                 keep_last: int | None = 3, every_n_minutes: float | None = None):
+        check_int("every_n_steps", every_n_steps, 1, none_ok=True)
+        check_int("keep_last", keep_last, 1, none_ok=True)
+        if every_n_minutes is not None:
+            check_number("every_n_minutes", every_n_minutes, 0, low_open=True)
         self.dir, self.every_n_steps, self.every_epoch = Path(dir), every_n_steps, every_epoch
+        self.every_n_minutes = every_n_minutes
+        self._last_write = time.monotonic()
         self.keep_last = keep_last
         self.last_path: Path | None = None
         self.stopped_by: str | None = None
@@ -214,23 +225,34 @@ class Checkpoint(Callback):
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers = {}
 
-    def _stop_requested(self, scheduled: bool) -> bool:
-        """Did a stop signal come? Distributed: the ranks agree, at scheduled checkpoints only (no per-step sync)."""
+    def _time_due(self) -> bool:
+        """Have `every_n_minutes` passed since the fit started or since the last write (this process's clock)?"""
+        return self.every_n_minutes is not None and time.monotonic() - self._last_write >= 60 * self.every_n_minutes
+
+    def _agree(self, check: bool) -> tuple[bool, bool]:
+        """`(stop, timed)`: a stop signal came / a timed checkpoint is due. Distributed, the ranks agree (any rank's
+        signal, rank 0's clock) in one all-reduce at the points `check` marks only: there is no per-step sync."""
         if not self._distributed:
-            return self._signal is not None
-        if not scheduled:
-            return False
-        flag = torch.tensor([int(self._signal is not None)], device=self.learn.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        stop = bool(flag.item())
+            return self._signal is not None, self._time_due()
+        if not check:
+            return False, False
+        due = self._time_due() and is_main_process()
+        flags = torch.tensor([int(self._signal is not None), int(due)], device=self.learn.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, timed = bool(flags[0].item()), bool(flags[1].item())
         if stop and self._signal is None:
             self._signal = signal.SIGTERM  # another rank was signalled
-        return stop
+        return stop, timed
+
+    def _stop_requested(self, scheduled: bool) -> bool:
+        """Did a stop signal come? Distributed: the ranks agree, at scheduled checkpoints only (no per-step sync)."""
+        return self._agree(scheduled)[0]
 
     # ---- events ------------------------------------------------------------------------------------------------
     def before_fit(self):
         learn = self.learn
         self._distributed, self._signal, self.stopped_by = _distributed(), None, None
+        self._last_write = time.monotonic()  # the fit (or resumed fit) starts the clock
         if self.every_n_steps and not hasattr(learn.dls.train, "load_state_dict"):
             warnings.warn(f"the training loader ({type(learn.dls.train).__name__}) cannot start an epoch mid-way: "
                           f"resuming from a mid-epoch checkpoint will restart that epoch")
@@ -261,9 +283,11 @@ class Checkpoint(Callback):
         learn = self.learn
         if not learn.training:
             return
-        scheduled = self.every_n_steps is not None and (learn.train_iter + 1) % self.every_n_steps == 0
-        stop = self._stop_requested(scheduled)
-        if scheduled or stop:
+        done = learn.train_iter + 1
+        scheduled = self.every_n_steps is not None and done % self.every_n_steps == 0
+        timed_check = self.every_n_minutes is not None and done % self.TIME_SYNC_STEPS == 0
+        stop, timed = self._agree(scheduled or timed_check)
+        if scheduled or stop or timed:
             self._save(mid_epoch=True)
         if stop:
             self._stop()
@@ -288,6 +312,7 @@ class Checkpoint(Callback):
         rng = _rng_states_by_rank()  # every rank takes part
         if not is_main_process():
             return
+        self._last_write = time.monotonic()  # the next timed write is due m minutes from now (rank 0 decides)
         steps = learn.train_iter + 1 if mid_epoch else learn.train_iter
         path = self.dir / (f"ckpt-{steps:08d}.pt" if mid_epoch else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt")
         lineage = sorted([p for p in self._own if p != path] + [path], key=_sort_key)

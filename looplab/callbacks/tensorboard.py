@@ -6,6 +6,7 @@ import os
 from torch.utils.tensorboard import SummaryWriter
 
 from ..callback import Callback
+from ..checks import check_int
 from ..util import is_main_process, unwrap_model
 from .loggers import published
 from .order import Order
@@ -40,7 +41,11 @@ class TensorBoard(Callback):
     """Writes `train_loss` and `lr` per step, every `recorder.log` series, `valid_loss` and metrics per epoch
     (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes.
 
-    Values are written once per epoch from the Recorder's floats, so logging adds nothing to the per-step path.
+    Values are written from the Recorder's floats at every epoch's end and, within an epoch, after every
+    `flush_every`-th training batch of the fit (all values recorded so far, at their usual steps), so a long epoch
+    is visible while it runs; between those points logging costs the per-step path one modulo. On an accelerator
+    reading the values is the Recorder's one batched transfer, which also keeps its device memory bounded.
+    `flush_every=None` writes at epoch ends only.
 
     Across fits with the same callback, a later fit continues the step count where the last one stopped (its
     step 0 is written at the earlier fits' total number of steps), so no step of the run is ever written twice;
@@ -53,8 +58,10 @@ class TensorBoard(Callback):
     order = Order.TENSORBOARD
     during_lr_find = False
 
-    def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True, hparams: dict | None = None):
+    def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True, hparams: dict | None = None,
+                 flush_every: int | None = 100):
         self.log_dir, self.histograms = str(log_dir), histograms
+        self.flush_every = check_int("flush_every", flush_every, 1, none_ok=True)
         self.hparams = check_hparams(hparams)  # with hparams: an HParams session at the end of the fit
         self.writer = None
         self.step_base, self._next_base, self._started = 0, 0, False
@@ -73,16 +80,27 @@ class TensorBoard(Callback):
             self.writer.add_scalar(name, value, base + step)
         self.n_written[name] = len(pairs)
 
+    def _write_recorded(self) -> int:
+        """Every per-step value the Recorder holds that is not written yet; returns the steps recorded."""
+        rec = self.learn.recorder
+        losses = rec.losses  # reading turns pending device tensors into floats (one transfer)
+        self._write_series("train_loss", list(enumerate(losses)))
+        self._write_series("lr", list(enumerate(rec.lrs)))
+        for name in rec.series_names:
+            self._write_series(name, rec.series(name))
+        return len(losses)
+
+    def after_batch(self):
+        every, learn = self.flush_every, self.learn
+        if every is not None and learn.training and (learn.train_iter + 1) % every == 0 and self.active:
+            self._write_recorded()
+            self.writer.flush()
+
     def after_epoch(self):
         if not self.active:
             return
         rec = self.learn.recorder
-        losses, lrs = rec.losses, rec.lrs
-        self._write_series("train_loss", list(enumerate(losses)))
-        self._write_series("lr", list(enumerate(lrs)))
-        for name in rec.series_names:
-            self._write_series(name, rec.series(name))
-        step = self.step_base + len(losses)
+        step = self.step_base + self._write_recorded()
         for name, value in rec.history[-1].items():
             if name not in ("epoch", "train_loss", "time"):
                 self.writer.add_scalar(name, value, step)
