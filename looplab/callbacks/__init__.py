@@ -12,7 +12,7 @@ from .distributed import (
 from .loggers import CSVLogger, MLflowLogger
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
-from .predictions import PredictionHistogram
+from .predictions import PredictionHistogram, SamplePredictions
 from .progress import ProgressBar
 from .recorder import Recorder
 from .schedule import ParamScheduler
@@ -23,4 +23,4 @@ __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPre
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
            "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
            "Compile", "CSVLogger", "MLflowLogger",
-           "PredictionHistogram"]
+           "PredictionHistogram", "SamplePredictions"]

@@ -8,7 +8,7 @@ Only rank 0 writes.
 
 Non-scalar results reach the loggers through one channel: a callback that produces them publishes them as the
 attribute `published_histograms` (`{name: [(train_iter, 1-d numpy array), ...]}`) and/or `published_tables`
-(`{name: [(train_iter, list of row dicts), ...]}`), appending in order (`PredictionHistogram`).
+(`{name: [(train_iter, list of row dicts), ...]}`), appending in order (`PredictionHistogram`, `SamplePredictions`).
 `published(learn, "histograms")` collects them; a logger writes the entries it has not written yet.
 """
 from __future__ import annotations
@@ -181,8 +181,9 @@ def _import_mlflow():
 
 class MLflowLogger(Callback):
     """Track the fit as an MLflow run: params at the start, every recorded series per step, validation values per
-    history row, the loss/lr plots, published histograms (`histograms/<name>.json`: each entry's step and values)
-    and with `log_model=True` the model's `state_dict` as artifacts.
+    history row, the loss/lr plots, published histograms (`histograms/<name>.json`: each entry's step and values),
+    published tables (`tables/<name>.json`, an MLflow table with a `step` column) and with `log_model=True` the
+    model's `state_dict` as artifacts.
 
     `tracking_uri`: e.g. `"sqlite:///mlflow.db"` (a local database) or a tracking server's URL; None: MLflow's
     default (`MLFLOW_TRACKING_URI`, else `./mlruns`). `run_id` names the run once the first epoch starts.
@@ -225,6 +226,7 @@ class MLflowLogger(Callback):
         self.n_rows = 0
         self._row_steps: list[tuple[int, dict]] = []  # rows seen, not yet sent
         self._done_steps: dict[str, int] = {}  # after a resume: the last step the run already holds, per key
+        self._table_steps: dict[str, int] = {}  # published table -> the last step the run holds
         if self.active:
             MlflowClient, self._entities = _import_mlflow()
             self._client = MlflowClient(self.tracking_uri)
@@ -313,6 +315,25 @@ class MLflowLogger(Callback):
         finally:
             client.set_terminated(self.run_id, status)
 
+    def _log_table(self, name: str, entries: list) -> None:
+        """Append the entries of the published table `name` newer than what the run's `tables/<name>.json` holds
+        (MLflow's `log_table` appends; a resumed run must not repeat a step) as rows with a `step` column."""
+        client, path = self._client, f"tables/{name}.json"
+        done = self._table_steps.get(name)
+        if done is None:  # first time this fit: what the run already holds (a resumed run may hold some)
+            done = -1
+            if any(f.path == path for f in client.list_artifacts(self.run_id, "tables")):
+                import pandas as pd
+                with tempfile.TemporaryDirectory() as tmp:
+                    held = pd.read_json(client.download_artifacts(self.run_id, path, tmp), orient="split")
+                done = int(held["step"].max()) if len(held) else -1
+        rows = [{"step": int(step), **row} for step, table in entries if step > done for row in table]
+        if rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            client.log_table(self.run_id, {c: [row.get(c) for row in rows] for c in columns}, path)
+            done = max(row["step"] for row in rows)
+        self._table_steps[name] = done
+
     def _log_artifacts(self) -> None:
         learn, client = self.learn, self._client
         with tempfile.TemporaryDirectory() as tmp:
@@ -323,6 +344,8 @@ class MLflowLogger(Callback):
             for name, entries in published(learn, "histograms").items():  # e.g. PredictionHistogram's pred_prob
                 client.log_dict(self.run_id, [{"step": int(step), "values": [float(v) for v in values]}
                                               for step, values in entries], f"histograms/{name}.json")
+            for name, entries in published(learn, "tables").items():  # e.g. SamplePredictions'
+                self._log_table(name, entries)
             if self.log_model:
                 import torch
                 path = os.path.join(tmp, "model_state_dict.pt")

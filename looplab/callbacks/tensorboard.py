@@ -7,6 +7,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..callback import Callback
 from ..checks import check_int
+from ..display import markdown_table
 from ..util import is_main_process, unwrap_model
 from .loggers import published
 from .order import Order
@@ -39,7 +40,9 @@ def write_hparams(writer: SummaryWriter, hparams: dict, history: list[dict]) -> 
 
 class TensorBoard(Callback):
     """Writes `train_loss` and `lr` per step, every `recorder.log` series, `valid_loss` and metrics per epoch
-    (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes.
+    (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes. Published
+    histograms and tables (the loggers' channel, `looplab/callbacks/loggers.py`) are written as histograms and as
+    markdown text (the Text tab) at their steps.
 
     Values are written from the Recorder's floats at every epoch's end and, within an epoch, after every
     `flush_every`-th training batch of the fit (all values recorded so far, at their usual steps), so a long epoch
@@ -111,6 +114,11 @@ class TensorBoard(Callback):
             for at, values in entries[self.n_written.get(name, 0):]:
                 self.writer.add_histogram(name, values, self.step_base + at)
             self.n_written[name] = len(entries)
+        for name, entries in published(self.learn, "tables").items():  # e.g. SamplePredictions', as text
+            key = f"{name}/text_summary"  # the text plugin's tag; a distinct key in n_written
+            for at, rows in entries[self.n_written.get(key, 0):]:
+                self.writer.add_text(name, markdown_table(rows), self.step_base + at)
+            self.n_written[key] = len(entries)
         self.writer.flush()
 
     def state_dict(self) -> dict:
