@@ -7,6 +7,7 @@ from .callbacks import (EMA, SWA, ActivationCheckpointing, Checkpoint, CutMix, E
                         Resume, SaveBest, TensorBoard, TerminateOnNaN)
 from .callbacks.checkpoint import latest_checkpoint
 from .callbacks.compile import Compile
+from .callbacks.graph import ShowGraph
 from .callbacks.loggers import CSVLogger, MLflowLogger
 from .callbacks.predictions import PredictionHistogram, SamplePredictions
 from .data import DataLoaders
@@ -24,4 +25,4 @@ __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "C
            "MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last",
            "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN",
            "Checkpoint", "Resume", "Compile", "latest_checkpoint", "F1Score", "AUROC", "set_seed", "get_rng_state",
-           "set_rng_state", "CSVLogger", "MLflowLogger", "PredictionHistogram", "SamplePredictions"]
+           "set_rng_state", "CSVLogger", "MLflowLogger", "PredictionHistogram", "SamplePredictions", "ShowGraph"]

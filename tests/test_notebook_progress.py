@@ -1,7 +1,6 @@
 """In a notebook the ProgressBar is one HTML table of the history rows redrawn in place (and SamplePredictions one
-HTML table); checked by executing a small notebook with nbclient and reading the cells' stored outputs."""
+HTML table, ShowGraph one image); checked by executing a small notebook with nbclient and reading the cells' stored outputs."""
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -23,8 +22,8 @@ learn = Learner(nn.Linear(4, 2), dls, F.cross_entropy)
 
 def body_rows(markup: str) -> list[str]:
     """The `<tr>` rows of the table's body."""
-    body = re.search(r"<tbody>(.*?)</tbody>", markup, re.S)
-    return re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S) if body else []
+    body = re.search(r"<tbody>(.*?)</tbody>", markup, re.DOTALL)
+    return re.findall(r"<tr>(.*?)</tr>", body.group(1), re.DOTALL) if body else []
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +31,12 @@ def executed(tmp_path_factory):
     """Every cell's outputs, by the cell's first line."""
     cells = [SETUP,
              "# fit\nlearn.fit(3)",
-             "# text\n"
-             "Learner(nn.Linear(4, 2), dls, F.cross_entropy, progress=False, cbs=[ProgressBar(html=False)]).fit(2)",
-             "# samples\nsamples = SamplePredictions([0, 5])\nLearner(nn.Linear(4, 2), dls, F.cross_entropy, "
-             "progress=False, cbs=[samples]).fit(2)",
+             ("# text\n"
+              "Learner(nn.Linear(4, 2), dls, F.cross_entropy, progress=False, cbs=[ProgressBar(html=False)]).fit(2)"),
+             ("# samples\nsamples = SamplePredictions([0, 5])\nLearner(nn.Linear(4, 2), dls, F.cross_entropy, "
+              "progress=False, cbs=[samples]).fit(2)"),
+             ("# graph\nfrom looplab import ShowGraph\nLearner(nn.Linear(4, 2), dls, F.cross_entropy, "
+              "progress=False, cbs=[ShowGraph()]).fit(2)\nimport os\nos.path.exists('loss.png')"),
              "# detect\nfrom looplab.display import in_notebook\nin_notebook()"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.strip()) for c in cells])
     NotebookClient(nb, timeout=120, kernel_name="python3",
@@ -69,6 +70,13 @@ def test_sample_predictions_show_one_html_table_in_place(executed):
     markup = outputs[0].data["text/html"]
     assert "predictions at step 20" in markup  # the second validation's table replaced the first
     assert len(body_rows(markup)) == 2
+
+
+def test_show_graph_redraws_one_image_in_place(executed):
+    outputs = executed["# graph"]
+    assert [o.output_type for o in outputs] == ["display_data", "execute_result"]
+    assert "image/png" in outputs[0].data  # the second row's redraw replaced the first
+    assert outputs[1].data["text/plain"] == "False"  # no PNG file written in a notebook
 
 
 def test_a_script_is_not_a_notebook():

@@ -9,6 +9,7 @@ from .compile import Compile
 from .distributed import (
            DistributedDataParallel,  # looplab's callback (wraps torch's class of that name)
 )
+from .graph import ShowGraph
 from .loggers import CSVLogger, MLflowLogger
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
@@ -23,4 +24,4 @@ __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPre
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
            "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
            "Compile", "CSVLogger", "MLflowLogger",
-           "PredictionHistogram", "SamplePredictions"]
+           "PredictionHistogram", "SamplePredictions", "ShowGraph"]

@@ -20,7 +20,7 @@ recording, and after the schedule set this step's hyper-parameters only if it as
     RECORDER             50  records the loss after everything that replaces it; writes the history row
     TRACKERS             55  EarlyStopping / SaveBest / ReduceLROnPlateau counters read the row the Recorder
                              wrote; the LR finder reads the recorded loss
-    PROGRESS             60  shows what the Recorder holds
+    PROGRESS             60  ProgressBar / ShowGraph show what the Recorder holds (its new history row too)
     PREDICTIONS          65  PredictionHistogram / SamplePredictions read the validation batches after
                              MixedPrecision cast them back, and publish before the loggers write
     TENSORBOARD          70  writes what the Recorder flushed
