@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .checks import check_int
 from .io import safe_load
 from .util import batch_on, unwrap_model
 
@@ -100,8 +101,7 @@ def average_last(source: str | os.PathLike | Iterable[str | os.PathLike], n: int
     first. `Checkpoint`'s names (`ckpt-{steps:08d}[-epoch-{e}].pt`) sort by step; when it saves both every n steps
     and every epoch, `pattern="*-epoch-*.pt"` averages epoch ends only. Returns the averaged state dict.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n, 1)
     is_folder = isinstance(source, (str, os.PathLike))
     paths = run_files(source, pattern) if is_folder else [Path(p) for p in source]
     if len(paths) < n:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .checks import check_int
+
 __all__ = ["DataLoaders", "TensorLoader", "DatasetLoader", "derive_seed", "batch_seed", "epoch_order",
            "epoch_batches", "n_batches", "shard"]
 
@@ -69,8 +71,7 @@ def epoch_batches(n: int, bs: int, seed: int, epoch: int, shuffle: bool, drop_la
 
 
 def _check_bs(bs: Any) -> None:
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"bs must be a positive int, got {bs!r}")
+    check_int("bs", bs, 1)
 
 
 class _SeededLoader:
@@ -306,8 +307,7 @@ class DatasetLoader(_SeededLoader):
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
             raise TypeError(f"from_datasets takes map-style datasets (with __len__ and __getitem__), "
                             f"got {type(ds).__name__}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        check_int("num_workers", num_workers, 0)
         taken = sorted({"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator",
                         "persistent_workers"} & dl_kwargs.keys())
         if taken:

@@ -1,11 +1,12 @@
 """Optimizers and their helpers: Lion; parameter groups from a splitter, slice (discriminative) lrs, freezing."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from .checks import check_number
 
 __all__ = ["Lion", "lion_update", "lion_update_foreach", "lrs_for_groups", "param_groups", "set_group_lrs", "freeze_to"]
 
@@ -83,8 +84,7 @@ def lion_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], e
 
 
 def _check_unit(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_number(name, value, 0, 1, high_open=True)
 
 
 class Lion(torch.optim.Optimizer):
@@ -96,14 +96,12 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a non-negative finite number, got {lr!r}")
+        check_number("lr", lr, 0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_unit("betas[0]", betas[0])
         _check_unit("betas[1]", betas[1])
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        check_number("weight_decay", weight_decay, 0)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["set_seed", "get_rng_state", "set_rng_state"]
 
 
@@ -23,7 +25,7 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     `deterministic=True` also makes torch pick deterministic algorithms (erroring on ops that have none) and turns
     off cuDNN's autotuner, whose choice of kernel can change between runs. `False` leaves those settings alone.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if check_int("seed", seed, 0) >= 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)

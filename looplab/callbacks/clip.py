@@ -6,15 +6,14 @@ import math
 import torch
 
 from ..callback import Callback
+from ..checks import check_number
 from .order import Order
 
 __all__ = ["GradientClip", "group_by_device", "total_norm", "scale_"]
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, low_open=True, finite=False)  # norm_type may be math.inf
 
 
 def group_by_device(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
