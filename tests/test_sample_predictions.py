@@ -100,8 +100,9 @@ def test_indices_are_checked():
         make_learner([SamplePredictions([1, 40])]).fit(1)
 
 
-def test_tables_survive_a_resume_in_tensorboard_and_mlflow(tmp_path):
+def test_tables_survive_a_resume_in_tensorboard_and_mlflow(tmp_path, monkeypatch):
     mlflow_tracking = pytest.importorskip("mlflow.tracking")
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under ./mlruns
     from looplab import MLflowLogger
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
 

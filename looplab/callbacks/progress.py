@@ -6,7 +6,7 @@ import html as html_escape
 import math
 import time
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar (a notebook gets the HTML display; tqdm.auto would warn without ipywidgets)
 
 from ..callback import Callback
 from ..display import NotebookDisplay, html_table, in_notebook
