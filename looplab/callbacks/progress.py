@@ -6,7 +6,7 @@ import html as html_escape
 import math
 import time
 
-from tqdm import tqdm  # the text bar (a notebook gets the HTML display; tqdm.auto would warn without ipywidgets)
+from tqdm.auto import tqdm  # the text bar (a widget in a notebook with ipywidgets when html=False)
 
 from ..callback import Callback
 from ..display import NotebookDisplay, html_table, in_notebook
