@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo lm test bench clean
 
 $(VENV)/.installed: requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(VENV)/.installed: requirements-dev.txt setup.cfg pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) examples/digits.py
+
+lm: $(VENV)/.installed
+	$(PY) examples/lm.py --minutes 3 --out runs/lm
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

@@ -1,0 +1,40 @@
+"""examples/lm.py on a tiny budget: it trains, its loss falls, and it prints bits per byte next to gzip and xz."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+def test_lm_example_trains_and_prints_bits_per_byte(tmp_path):
+    out = tmp_path / "lm"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "examples" / "lm.py"), "--steps", str(STEPS), "--out", str(out),
+           "--layers", "1", "--dim", "32", "--heads", "2", "--ctx", "32", "--bs", "16", "--lr", "1e-2",
+           "--valid-bytes", "4096", "--threads", "1"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout
+
+    first, last = map(float, re.search(r"train loss .*: first \d+ steps ([\d.]+) -> last \d+ steps ([\d.]+)",
+                                       text).groups())
+    assert last < first - 0.5, text  # from ~ln 256 = 5.5 nats towards the byte statistics of Python source
+    assert re.search(rf"steps: {STEPS} in ", text), text
+
+    bpb = {name: float(v) for name, v in re.findall(r"^  (model, last weights|model, average of last \d+ ckpts|"
+                                                     r"gzip -9|xz -9e)\s+([\d.]+)$", text, re.M)}
+    assert set(bpb) == {"model, last weights", "model, average of last 1 ckpts", "gzip -9", "xz -9e"}, text
+    assert all(0 < v < 9 and math.isfinite(v) for v in bpb.values()), bpb
+    # the only checkpoint of so short a run is the one at the last step: its "average" is the last weights
+    assert bpb["model, average of last 1 ckpts"] == bpb["model, last weights"]
+
+    assert (out / "loss.png").stat().st_size > 0
+    assert [p.name for p in (out / "checkpoints").glob("ckpt-*.pt")] == [f"ckpt-{STEPS:08d}.pt"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == list(range(STEPS))
