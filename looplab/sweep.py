@@ -30,6 +30,7 @@ from .callbacks.loggers import row_step
 from .callbacks.order import Order
 from .callbacks.tensorboard import TensorBoard
 from .checks import check_int, check_number
+from .data import derive_seed
 
 __all__ = ["PruneTrial", "SweepResult", "choice", "intuniform", "loguniform", "lr_space", "sweep", "uniform"]
 
@@ -250,6 +251,19 @@ def _trial_value(learn, metric: str) -> float:
     return float(value)
 
 
+def _create_study(optuna, **kwargs):
+    """`optuna.create_study`, retried a few times: processes creating one new SQLite study at once race on its
+    schema (an IntegrityError / OperationalError for all but one); the retry then loads the created study."""
+    import sqlalchemy.exc
+    for attempt in range(5):
+        try:
+            return optuna.create_study(**kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def sweep(objective: Callable[[dict, list], Any], space: dict, n_trials: int, metric: str = "valid_loss",
           direction: str = "minimize", sampler: str | Any = "random", seed: int | None = None,
           storage: str | None = None, study_name: str | None = None, pruner: str | Any | None = None,
@@ -268,25 +282,33 @@ def sweep(objective: Callable[[dict, list], Any], space: dict, n_trials: int, me
     """
     optuna = _import_optuna()
     _check_sweep(objective, space, n_trials, direction, sampler, pruner)
+    per_trial = None
     if isinstance(sampler, str):
-        sampler = (optuna.samplers.RandomSampler(seed=seed) if sampler == "random"
-                   else optuna.samplers.TPESampler(seed=seed))
+        kind = optuna.samplers.RandomSampler if sampler == "random" else optuna.samplers.TPESampler
+        sampler = kind(seed=seed)
+        if seed is not None:  # each trial's draws come from (seed, trial number): processes sharing a study with
+            #                   the same seed draw different trials, and one process repeats its trials exactly
+            per_trial = lambda number: kind(seed=derive_seed(seed, number) % 2**32)  # noqa: E731
     if pruner == "median":
         pruner = optuna.pruners.MedianPruner()
-    study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+    study = _create_study(optuna, storage=storage, study_name=study_name, direction=direction, sampler=sampler,
+                          pruner=pruner, load_if_exists=True)
     TrialState = optuna.trial.TrialState
     for _ in range(n_trials):
         trial = study.ask()
-        params = {name: p.suggest(trial, name) for name, p in space.items()}
-        cbs: list[Callback] = []
-        prune = PruneTrial(trial, metric) if pruner is not None else None
-        if prune is not None:
-            cbs.append(prune)
-        if log_dir is not None:
-            cbs.append(TensorBoard(Path(log_dir) / f"trial-{trial.number}", histograms=False, hparams=params))
+        if per_trial is not None:
+            study.sampler = per_trial(trial.number)  # the trial draws its params through the study's sampler
         started = time.perf_counter()
+        params: dict = {}
         try:
+            params = {name: p.suggest(trial, name) for name, p in space.items()}
+            cbs: list[Callback] = []
+            prune = PruneTrial(trial, metric) if pruner is not None else None
+            if prune is not None:
+                cbs.append(prune)
+            if log_dir is not None:
+                hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+                cbs.append(TensorBoard(Path(log_dir) / f"trial-{trial.number}", histograms=False, hparams=hparams))
             learn = objective(dict(params), cbs)
             if prune is not None and prune.pruned:
                 study.tell(trial, state=TrialState.PRUNED)

@@ -177,3 +177,28 @@ def test_mlflow_missing_is_an_import_error_naming_the_extra(monkeypatch):
     learn = make_learner([MLflowLogger()])
     with pytest.raises(ImportError, match=r"looplab\[mlflow\]"):
         learn.fit(1)
+
+
+def test_mlflow_takes_metric_names_it_would_refuse_and_logs_the_fits_lr(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    logger = MLflowLogger(uri, experiment_name="names")
+    learn = make_learner([logger])
+    learn.metrics = [lambda pred, y: (pred.argmax(-1) == y).float().mean()]  # named "<lambda>"
+    learn.fit_one_cycle(2, lr_max=0.05)
+    client = MlflowClient(uri)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["lr"]) == pytest.approx(0.05)
+    assert len(client.get_metric_history(logger.run_id, "train_loss")) == len(learn.recorder.losses)
+    assert "_lambda_" in run.data.metrics
+
+
+def test_prediction_histograms_ignore_validations_after_the_fit(tmp_path):
+    hist = PredictionHistogram(n_samples=8)
+    learn = make_learner([hist])
+    learn.fit(2)
+    before = [step for step, _ in hist.history]
+    learn.validate()
+    learn.get_preds(learn.dls.train)
+    assert [step for step, _ in hist.history] == before == [len(learn.recorder.losses) // 2, len(learn.recorder.losses)]

@@ -159,3 +159,21 @@ def test_lr_space_is_around_the_valley_and_spaces_check_their_bounds():
     with pytest.raises(ValueError, match="metric 'nope'"):
         from looplab.sweep import _trial_value
         _trial_value(objective({"lr": 1e-2}, []), "nope")
+
+
+def test_sweeps_sharing_a_study_with_one_seed_draw_different_trials(tmp_path):
+    """Every process of a shared sweep runs the same script, seed included: they must not repeat each other."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = sweep(objective, {"lr": loguniform(1e-4, 1e-1)}, 3, seed=0, storage=storage, study_name="s")
+    second = sweep(objective, {"lr": loguniform(1e-4, 1e-1)}, 3, seed=0, storage=storage, study_name="s")
+    lrs = [t["params"]["lr"] for t in second.trials]
+    assert len(lrs) == 6 and len(set(lrs)) == 6
+    again = sweep(objective, {"lr": loguniform(1e-4, 1e-1)}, 3, seed=0)  # one process: the same seed repeats
+    assert [t["params"]["lr"] for t in again.trials] == [t["params"]["lr"] for t in first.trials][:3]
+
+
+def test_a_choice_holding_none_logs_its_trials(tmp_path):
+    result = sweep(objective, {"lr": loguniform(1e-3, 1e-2), "extra": choice([None, "x"])}, 2, seed=1,
+                   log_dir=tmp_path)
+    assert [t["state"] for t in result.trials] == ["COMPLETE", "COMPLETE"]
+    assert len(list(tmp_path.glob("trial-*"))) == 2

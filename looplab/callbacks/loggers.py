@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import inspect
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -48,17 +49,23 @@ def _simple(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def mlflow_key(name: str) -> str:
+    """`name` as an MLflow metric key: characters MLflow refuses (e.g. the `<lambda>` of a lambda metric's name)
+    become `_`; the mapping is fixed, so a resumed run finds its keys again."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
 def simple_params(learn) -> dict[str, Any]:
     """What a fit was run with, as flat `name: value` pairs of numbers / strings: the Learner's lr, optimizer,
     loss, model class, batch size and number of epochs, and each callback's constructor arguments that are simple
     values (as `CallbackName.argument`)."""
-    lr = learn.lr
-    params = {"lr": f"slice({lr.start}, {lr.stop})" if isinstance(lr, slice) else lr,
+    lrs = [g["lr"] for g in learn.opt.param_groups]  # set for this fit before before_fit (fit(lr=), lr_max=)
+    params = {"lr": lrs[-1] if len(set(lrs)) == 1 else f"slice({lrs[0]}, {lrs[-1]})",
               "opt_func": getattr(learn.opt_func, "__name__", type(learn.opt_func).__name__),
               "loss_func": getattr(learn.loss_func, "__name__", type(learn.loss_func).__name__),
               "model": type(unwrap_model(learn.model)).__name__,
-              "n_epochs": learn.n_epochs}
-    bs = getattr(learn.dls.train, "bs", None)
+              "n_epochs": learn.n_epochs, "n_steps": learn.n_steps}
+    bs = getattr(learn.dls.train, "bs", None) or getattr(learn.dls.train, "batch_size", None)
     if bs is not None:
         params["batch_size"] = bs
     for cb in learn.cbs:
@@ -295,8 +302,8 @@ class MLflowLogger(Callback):
             values += [(k, v, step) for k, v in row.items()
                        if k not in self.ROW_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)]
         self._row_steps = []
-        metrics = [Metric(k, float(v), now, int(step)) for k, v, step in values
-                   if step > self._done_steps.get(k, -1)]
+        metrics = [Metric(mlflow_key(k), float(v), now, int(step)) for k, v, step in values
+                   if step > self._done_steps.get(mlflow_key(k), -1)]
         for i in range(0, len(metrics), 1000):
             self._client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
         self._next_flush = time.perf_counter() + self.flush_s
@@ -312,6 +319,9 @@ class MLflowLogger(Callback):
         try:
             self._flush()
             self._log_artifacts()
+        except BaseException:
+            status = "FAILED"  # what was logged is incomplete: the run says so
+            raise
         finally:
             client.set_terminated(self.run_id, status)
 

@@ -43,17 +43,20 @@ class PredictionHistogram(Callback):
         self.n_samples, self.tag = check_int("n_samples", n_samples, 1), tag
         self.history: list[tuple[int, np.ndarray]] = []
         self._parts: list[torch.Tensor] = []
-        self._count = 0
+        self._count, self._in_fit = 0, False
 
     @property
     def published_histograms(self) -> dict[str, list]:
         return {self.tag: self.history}
 
     def before_fit(self):
-        self.history = []
+        self.history, self._in_fit = [], True
+
+    def after_fit(self):
+        self._in_fit = False  # validate() / get_preds() / interpret() after the fit add nothing to the history
 
     def before_validate(self):
-        self._parts, self._count = [], 0
+        self._parts, self._count = [], 0 if self._in_fit else self.n_samples
 
     def after_batch(self):
         learn = self.learn
@@ -146,6 +149,7 @@ class SamplePredictions(Callback):
         self.history: list[PredictionTable] = []
         self._display = NotebookDisplay()
         self._parts: list[tuple] = []
+        self._in_fit = self._collect = False
         self._seen = 0
 
     @property
@@ -153,15 +157,18 @@ class SamplePredictions(Callback):
         return {self.tag: [(table.step, table.rows) for table in self.history]}
 
     def before_fit(self):
-        self.history = []
+        self.history, self._in_fit = [], True
         self._display = NotebookDisplay()  # a new output area for every fit
 
+    def after_fit(self):
+        self._in_fit = False  # validate() / get_preds() / interpret() after the fit add nothing to the history
+
     def before_validate(self):
-        self._parts, self._seen = [], 0
+        self._parts, self._seen, self._collect = [], 0, self._in_fit
 
     def after_batch(self):
         learn = self.learn
-        if learn.training or self._seen > self._sorted[-1]:
+        if learn.training or not self._collect or self._seen > self._sorted[-1]:
             return
         pred = learn.pred
         if not isinstance(pred, torch.Tensor):
