@@ -216,7 +216,7 @@ def main() -> None:
                         help="about how many timed checkpoints the run writes (every planned-time / N minutes)")
     parser.add_argument("--valid-bytes", type=int, default=2 ** 17,
                         help="evaluate on about N held-out bytes: windows evenly spaced over all held-out files "
-                             "(default 131072; 0: all of them, %(prog)s takes ~30 µs a byte on one CPU core)")
+                             "(default 131072; 0: all of them, ~15 s an evaluation for the default model on one core)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the faster of 1 and torch's default in the probe; on a "
                              "shared machine one thread can be several times faster than two)")
@@ -260,7 +260,7 @@ def main() -> None:
     else:
         # the rest of the budget, less the two evaluations and a margin for the loop, checkpoints, plots
         fit_s = 60 * minutes - (time.monotonic() - t0) - eval_s - 5
-        steps = max(int(fit_s / (1.15 * hand_step)), 10)  # the fit measured 5-15% slower than the probe
+        steps = max(int(fit_s / (1.15 * hand_step)), 10)  # margin: a shared machine's step varies ±15%
     warmup_steps = min(round(args.warmup * steps), steps - 1)
     print(f"probe: hand-written step {1e3 * hand_step:.0f} ms, validation batch {1e3 * eval_batch:.0f} ms -> "
           f"{steps} steps (warmup {warmup_steps}), about {fit_s / 60:.1f} min of training")
