@@ -41,7 +41,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from looplab import Callback, CancelFit, Checkpoint, DataLoaders, GradientClip, Learner, TensorBoard, average_last
+from looplab import (
+    Callback,
+    CancelFit,
+    Checkpoint,
+    DataLoaders,
+    GradientClip,
+    Learner,
+    TensorBoard,
+    average_last,
+)
 from looplab.data import TensorLoader
 from looplab.repro import set_seed
 
