@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/optim.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
