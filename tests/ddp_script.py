@@ -31,6 +31,36 @@ def make_model(p_drop: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.Linear(N_IN, 16), nn.Tanh(), nn.Dropout(p_drop), nn.Linear(16, N_OUT))
 
 
+class DictSamples(torch.utils.data.Dataset):
+    """The same data as `make_data`, as dict samples (the way tokenized Hugging Face datasets yield them)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class DictModel(nn.Module):
+    """`make_model`'s network called as `model(**batch)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x, labels=None):
+        return self.net(x)
+
+
+def make_dict_data(bs: int) -> DataLoaders:
+    dls = make_data(bs)
+    return DataLoaders.from_datasets(DictSamples(dls.train.xs[0], dls.train.y), DictSamples(dls.valid.xs[0],
+                                     dls.valid.y), bs=bs, seed=0)
+
+
 def accuracy(pred, y):
     return (pred.argmax(1) == y).float().mean()
 
@@ -85,6 +115,12 @@ def main(mode: str, out: Path) -> None:
                     "valid_after_fit": learn.validate()}, out / f"equiv_rank{rank}.pt")
         learn, _ = checkpointed_run(out, rank)
         torch.save({"weights": learn.model.state_dict()}, out / f"ckpt_run_rank{rank}.pt")
+        torch.manual_seed(100 + rank)  # dict batches: each rank takes its share of every tensor of the batch
+        learn = Learner(DictModel(), make_dict_data(32), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1,
+                        progress=False)
+        learn.fit(2)
+        torch.save({"weights": learn.model.state_dict(), "valid": learn.recorder.last_validation},
+                   out / f"dict_rank{rank}.pt")
     elif mode == "elastic":
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         learn, resumed_from = checkpointed_run(out, rank, [_Die(KILL_STEP)] if attempt == 0 and rank == 1 else [])

@@ -20,7 +20,7 @@ from looplab.callbacks.distributed import DistributedDataParallel
 from looplab.data import DataLoaders, epoch_batches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_script import KILL_STEP, accuracy, make_data, make_model  # noqa: E402
+from ddp_script import KILL_STEP, DictModel, accuracy, make_data, make_dict_data, make_model  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = Path(__file__).parent.parent
@@ -67,6 +67,18 @@ def test_two_processes_give_the_weights_of_one_process_with_twice_the_batch(trai
             torch.testing.assert_close(result["weights"][name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
         # the recorded training losses are the global batches' (the second fit's three steps), on every rank
         assert result["losses"] == pytest.approx(ref.recorder.losses[3:], abs=1e-6)
+
+
+def test_dict_batches_are_shared_out_like_pairs(trained):
+    """2 ranks x bs 32 of dict samples (model(**batch), yb = batch["labels"]) = 1 process x bs 64."""
+    torch.manual_seed(100)
+    ref = Learner(DictModel(), make_dict_data(64), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1, progress=False)
+    ref.fit(2)
+    for rank in (0, 1):
+        result = load(trained / f"dict_rank{rank}.pt")
+        for name, w in ref.model.state_dict().items():
+            torch.testing.assert_close(result["weights"][name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
+        assert result["valid"]["valid_loss"] == pytest.approx(ref.recorder.last_validation["valid_loss"], abs=1e-5)
 
 
 def test_every_rank_sees_the_same_training_loss_so_lr_find_stops_together(trained):
