@@ -206,3 +206,35 @@ def test_arguments_the_loader_sets_itself_are_refused():
     for kw in ({"persistent_workers": False}, {"batch_size": 4}, {"sampler": None}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             DataLoaders.from_datasets(WhoLoads(), **kw)
+
+
+def test_a_collected_learner_stops_its_loaders_workers_through_the_finalizer(monkeypatch):
+    """A Learner and its callbacks refer to each other, so the cycle collector frees its loaders; their workers
+    must be stopped by the loader's finalizer while the queues still work (torch's own `__del__` would wait out a
+    timeout per worker)."""
+    import gc
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import looplab.data as data
+    from looplab import DataLoaders, Learner
+    stopped = []
+    real = data._stop_workers
+    monkeypatch.setattr(data, "_stop_workers", lambda loader: (stopped.append(loader), real(loader)))
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return torch.full((4,), float(i)), i % 3
+
+    learn = Learner(nn.Linear(4, 3), DataLoaders.from_datasets(Items(), Items(), bs=8, num_workers=2),
+                    F.cross_entropy, progress=False)
+    learn.fit(1)
+    workers = [w for dl in (learn.dls.train, learn.dls.valid) for w in dl._loader._iterator._workers]
+    assert len(workers) == 4 and all(w.is_alive() for w in workers)
+    del learn
+    gc.collect()
+    assert len(stopped) == 2 and not any(w.is_alive() for w in workers)
