@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplab import (EMA, SWA, Callback, CancelBackward, CancelBatch, Checkpoint, DataLoaders, EarlyStopping,
+from looplab import (EMA, SWA, Callback, CancelBackward, CancelBatch, Checkpoint, EarlyStopping,
                      GradientAccumulation, Learner, MixedPrecision, MixUp, ParamScheduler, TensorBoard)
 
 
