@@ -26,10 +26,13 @@ from torch import nn
 
 import looplab
 import looplab.io
-from looplab import Callback, CancelFit, DataLoaders, Learner
+from looplab import Callback, DataLoaders, Learner
 from looplab.averaging import average_checkpoints
 from looplab.callbacks.checkpoint import FORMAT, Checkpoint, Resume, checkpoint_files, latest_checkpoint
 from looplab.io import STALE_AFTER, atomic_save, is_stale_temporary, temporary_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_resume import StopAt  # noqa: E402  (interrupts a fit after a step Checkpoint saved)
 
 ROOT = Path(__file__).parent.parent
 FORK_SCRIPT = Path(__file__).with_name("fork_script.py")
@@ -247,18 +250,6 @@ def sgd(params, lr):
 
 def two_groups(model):
     return [list(model[0].parameters()), list(model[2].parameters())]
-
-
-class StopAt(Callback):
-    """Interrupt a fit after training step `step` (after Checkpoint has saved it)."""
-    order = 99
-
-    def __init__(self, step):
-        self.step = step
-
-    def after_batch(self):
-        if self.learn.training and self.learn.train_iter + 1 == self.step:
-            raise CancelFit()
 
 
 def assert_identical(a, b, where="state"):
