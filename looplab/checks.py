@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 __all__ = ["check_int", "check_number", "check_lr", "check_learner", "check_fit", "check_phase_loader",
-           "no_batches"]
+           "no_batches", "bad_loss", "no_grad_loss"]
 
 
 def _is_number(value: Any) -> bool:
@@ -55,9 +55,10 @@ def check_lr(lr: Any, name: str = "lr") -> float | slice:
     return lr
 
 
-def check_fit(n_epochs: Any, steps: Any, lr: Any, dls, model) -> tuple[int | None, int | None]:
+def check_fit(n_epochs: Any, steps: Any, lr: Any, dls, model, valid_every: Any = None
+              ) -> tuple[int | None, int | None]:
     """What `fit` needs before it starts: epochs or steps (exactly one), an lr (or None), non-empty loaders,
-    something to train. Returns `(n_epochs, n_steps)`, each None where an unsized training loader leaves it open."""
+    something to train, a `valid_every` (None, or a positive int with validation data). Returns `(n_epochs, n_steps)`, each None where an unsized training loader leaves it open."""
     if (n_epochs is None) == (steps is None):
         raise ValueError(f"give exactly one of n_epochs and steps, got n_epochs={n_epochs!r}, steps={steps!r}")
     n_batches = len(dls.train) if hasattr(dls.train, "__len__") else None
@@ -69,12 +70,27 @@ def check_fit(n_epochs: Any, steps: Any, lr: Any, dls, model) -> tuple[int | Non
         n_epochs = None if not n_batches else -(-n_steps // n_batches)
     if lr is not None:
         check_lr(lr)
+    check_int("valid_every", valid_every, 1, none_ok=True)
+    if valid_every is not None and dls.valid is None:
+        raise ValueError(f"valid_every={valid_every} needs validation data: this Learner's dls.valid is None")
     for name, dl in (("training", dls.train), ("validation", dls.valid)):
         if dl is not None and hasattr(dl, "__len__") and len(dl) == 0:
             raise ValueError(f"the {name} data is empty: it yields no batches")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter requires grad: the model is fully frozen (see unfreeze / freeze_to)")
     return n_epochs, n_steps
+
+
+def bad_loss(loss) -> None:
+    """The error for a `loss_func` whose result is not a scalar tensor."""
+    raise ValueError(f"loss_func must return a scalar tensor, got "
+                     f"{tuple(loss.shape) if hasattr(loss, 'shape') else loss!r}")
+
+
+def no_grad_loss() -> None:
+    """The error for a training loss that does not require grad."""
+    raise ValueError("the loss does not require grad: it was computed from detached tensors (or under "
+                     "torch.no_grad), so there is nothing to back-propagate")
 
 
 def no_batches(dl, name: str, yielded_before: bool) -> None:

@@ -5,31 +5,26 @@ Every level of the loop has the same shape (`_with_events`): fire `before_X`, ru
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
+from fastcore.basics import listify
 from torch import nn
 
 from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
 from .callbacks.gather import GatherPreds
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
-from .checks import check_fit, check_learner, check_phase_loader, no_batches
+from .checks import bad_loss, check_fit, check_learner, check_phase_loader, no_batches, no_grad_loss
 from .data import DataLoaders
 from .loading import load_learner, save_learner
 from .metrics import check_metrics
 from .optim import param_groups, set_group_lrs
 from .shortcuts import FeatureMethods
-from .util import batch_on, cat_batches, output_loss
+from .util import batch_on, cat_batches, output_loss, run_teardown
 
 __all__ = ["Learner"]
-
-
-def _as_list(cbs) -> list:
-    """A lone callback, or an iterable of them, as a list."""
-    return [cbs] if isinstance(cbs, Callback) else list(cbs)
 
 
 # level -> its event names and Cancel exception, built once
@@ -58,7 +53,8 @@ class Learner(FeatureMethods):
     | n_steps      | training batches this fit runs: `n_epochs * len(train)`, or `steps`                    |
     | iter         | batch index in the current phase of the epoch                                          |
     | n_iter       | batches in the current phase (None for loaders without a length)                       |
-    | train_iter ✎ | 0-based index of the current training batch over the whole fit                         |
+    | train_iter ✎ | 0-based index of the current training batch over the whole fit (batches done, between) |
+    | valid_every  | validate after every `valid_every`-th training batch of the fit; None: after each epoch |
     | device       | the device of the model's parameters; batches are moved there                          |
     | recorder     | the Recorder (always on)                                                               |
     | exception    | in `after_fit`: the exception ending the fit (None when it ran out or was cancelled)   |
@@ -67,7 +63,7 @@ class Learner(FeatureMethods):
     then starts from there. `LOOP_STATE` names the per-fit entries of this table (what `lr_find` puts back).
     """
     LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
-                  "n_steps", "iter", "n_iter", "train_iter", "exception")
+                  "n_steps", "iter", "n_iter", "train_iter", "valid_every", "exception")
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable | None = None,
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3,
@@ -78,12 +74,12 @@ class Learner(FeatureMethods):
         self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.n_steps, self.iter, self.n_iter = False, 0, 0, 0, 0, None
-        self.train_iter, self.exception, self._last_step = 0, None, None
+        self.train_iter, self.exception, self._last_step, self.valid_every, self._valid_at = 0, None, None, None, 0
         self._yielded: set[int] = set()  # ids of the loaders that have yielded batches (to spot one-shot iterators)
         self.cbs: list[Callback] = []
         self._table: dict = build_table(self.cbs, self)
         self.recorder = Recorder()
-        self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *_as_list(cbs)])
+        self.add_cbs([self.recorder, *([ProgressBar()] if progress else []), *listify(cbs)])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: train data-parallel
             from .callbacks.distributed import DistributedDataParallel
             self.add_cb(DistributedDataParallel())
@@ -100,7 +96,7 @@ class Learner(FeatureMethods):
 
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
         """Add several callbacks: all of them, or (if one is rejected) none."""
-        cbs = _as_list(cbs)
+        cbs = listify(cbs)
         if not cbs:
             return
         for i, cb in enumerate(cbs):
@@ -147,13 +143,16 @@ class Learner(FeatureMethods):
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, n_epochs: int | None = None, lr: float | slice | None = None, cbs: Callback | Iterable[Callback] = (),
-            resume_from: str | os.PathLike | None = None, *, steps: int | None = None) -> None:
+            resume_from: str | os.PathLike | None = None, *, steps: int | None = None,
+            valid_every: int | None = None) -> None:
         """Train for `n_epochs`, or exactly `steps` training batches (the last epoch stops after batch `steps`, its
-        validation still runs). `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only.
-        `resume_from`: a checkpoint file or folder written by `Checkpoint`; training continues from its next batch.
-        However the fit ends, `after_fit` runs (see `exception`); an exception then propagates unchanged."""
-        n_epochs, n_steps = check_fit(n_epochs, steps, lr, self.dls, self.model)
-        cbs = _as_list(cbs)
+        validation still runs). `valid_every=K`: validate after every K-th training batch of the fit, mid-epoch too,
+        and at its end if the last batch was not just validated, instead of after each epoch (one history row each).
+        `lr` overrides the Learner's lr for this fit; `cbs` are used for this fit only. `resume_from`: a checkpoint
+        file or folder written by `Checkpoint`; training continues from its next batch. However the fit ends,
+        `after_fit` runs (see `exception`); an exception then propagates unchanged."""
+        n_epochs, n_steps = check_fit(n_epochs, steps, lr, self.dls, self.model, valid_every)
+        cbs = [*listify(cbs)]
         if resume_from is not None:
             from .callbacks.checkpoint import Resume  # resuming is a feature; the loop only runs it
             cbs.insert(0, Resume(resume_from))
@@ -161,6 +160,7 @@ class Learner(FeatureMethods):
         try:
             set_group_lrs(self.opt, self.lr if lr is None else lr)
             self.n_epochs, self.n_steps, self._last_step, self.epoch, self.train_iter = n_epochs, n_steps, steps, 0, 0
+            self.valid_every = valid_every
             self._run_fit()
         finally:
             self.remove_cbs(cbs)
@@ -179,35 +179,34 @@ class Learner(FeatureMethods):
             self.exception = exc
             raise
         finally:
-            self._after_fit(table)
-
-    def _after_fit(self, table: dict) -> None:
-        errors = []
-        for handler in table["after_fit"]:
-            try:
-                handler()
-            except BaseException as e:  # every handler gets its turn; nothing is swallowed
-                errors.append(e)
-        for e in errors[self.exception is None:]:  # the first one is raised when the fit itself ran out
-            warnings.warn(f"after_fit raised {type(e).__name__}: {e} (tearing down a fit that "
-                          f"{'raised ' + repr(self.exception) if self.exception else 'ended'})", RuntimeWarning)
-        if errors and self.exception is None:
-            raise errors[0]
+            run_teardown(table["after_fit"], self.exception)
 
     def _do_fit(self) -> None:
+        self._valid_at = self.train_iter  # after before_fit (Resume): a resumed fit does not validate its start again
         while self.epoch < self.n_epochs if self.n_epochs is not None else self.train_iter < self._last_step:
             self._with_events(self._do_epoch, "epoch")
             self.epoch += 1
 
     def _do_epoch(self) -> None:
         self._with_phase(self.dls.train, True, "train")
-        if self.dls.valid is not None:
+        if self.dls.valid is not None and self._valid_due(epoch_end=True):
             self._with_phase(self.dls.valid, False, "validate")
+
+    def _valid_due(self, epoch_end: bool) -> bool:
+        """Validate now? At each epoch's end; with `valid_every`, after a K-th batch and at the end of a fit that ran
+        all its batches, unless no training batch ran since the last validation."""
+        every, done = self.valid_every, self.train_iter
+        if every is None or done == self._valid_at:
+            return every is None and epoch_end
+        ran_all = done == self.n_steps if self.n_steps is not None else self.epoch + 1 == self.n_epochs
+        return done % every == 0 or (epoch_end and ran_all)
 
     def _with_phase(self, dl, training: bool, level: str) -> None:
         """Set the phase's state (so `before_train` / `before_validate` see it), then run it with its events."""
         self.dl, self.training, self.iter = dl, training, getattr(dl, "offset", 0)
         self.n_iter = len(dl) if hasattr(dl, "__len__") else None
+        if not training:
+            self._valid_at = self.train_iter
         self._with_events(self._run_batches, level)
 
     def _run_batches(self) -> None:
@@ -224,6 +223,9 @@ class Learner(FeatureMethods):
                     self.train_iter += 1
                     if self.train_iter == self._last_step:
                         break
+                    if self.valid_every and self.iter + 1 != self.n_iter and self._valid_due(epoch_end=False):
+                        self._run_phase(None)  # mid-epoch (an epoch's last batch validates in the epoch's slot)
+                        self.model.train()
         if n_batches:
             self._yielded.add(id(dl))
         elif self.n_iter is None or self.n_iter > start:
@@ -239,8 +241,7 @@ class Learner(FeatureMethods):
         loss_func = self.loss_func
         self.loss = loss = output_loss(self.pred, self.training) if loss_func is None else loss_func(self.pred, self.yb)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise ValueError(f"loss_func must return a scalar tensor, got "
-                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
+            bad_loss(loss)
         self._fire("after_loss")
         if self.training:
             if self._with_events(self._do_backward, "backward"):  # CancelBackward skips the step too
@@ -249,8 +250,7 @@ class Learner(FeatureMethods):
 
     def _do_backward(self) -> None:
         if not self.loss.requires_grad:
-            raise ValueError("the loss does not require grad: it was computed from detached tensors (or under "
-                             "torch.no_grad), so there is nothing to back-propagate")
+            no_grad_loss()
         self.loss.backward()
 
     def _do_step(self) -> None:
@@ -258,7 +258,7 @@ class Learner(FeatureMethods):
 
     def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
         """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
-        cbs, dl = _as_list(cbs), check_phase_loader(self.dls.valid if dl is None else dl)
+        cbs, dl = listify(cbs), check_phase_loader(self.dls.valid if dl is None else dl)
         saved = {k: getattr(self, k, None) for k in ("model", "dl", "training", "iter", "n_iter")}
         self.add_cbs(cbs)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["unwrap_model", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached",
+__all__ = ["unwrap_model", "run_teardown", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached",
            "first_tensor", "rebuilt", "is_main_process",
            "CopySafeHook"]
 
@@ -145,6 +146,22 @@ def first_tensor(obj) -> torch.Tensor | None:
 def detached(obj):
     """`obj` with every tensor in it detached."""
     return obj.detach() if isinstance(obj, torch.Tensor) else tree_map(torch.Tensor.detach, obj)
+
+
+def run_teardown(handlers, exception: BaseException | None) -> None:
+    """Call every handler (the `after_fit` ones), even when one raises: nothing is swallowed. With `exception` (the
+    one ending the fit) their errors are warnings and `exception` propagates; else the first error is raised."""
+    errors = []
+    for handler in handlers:
+        try:
+            handler()
+        except BaseException as e:  # every handler gets its turn
+            errors.append(e)
+    for e in errors[exception is None:]:  # the first one is raised when the fit itself ran out
+        warnings.warn(f"after_fit raised {type(e).__name__}: {e} (tearing down a fit that "
+                      f"{'raised ' + repr(exception) if exception else 'ended'})", RuntimeWarning)
+    if errors and exception is None:
+        raise errors[0]
 
 
 def is_main_process() -> bool:

@@ -200,7 +200,7 @@ def test_trains_with_metric_objects_in_the_history():
     learn = Learner(nn.Linear(3, 3), dls, F.cross_entropy, lr=0.1, progress=False, metrics=[F1Score(), AUROC()])
     learn.fit(2)
     row = learn.recorder.history[-1]
-    assert set(row) == {"epoch", "train_loss", "valid_loss", "F1Score", "AUROC", "time"}
+    assert set(row) == {"epoch", "train_iter", "train_loss", "valid_loss", "F1Score", "AUROC", "time"}
     preds, targets = learn.get_preds()
     assert row["F1Score"] == pytest.approx(f1_score(targets, preds.argmax(1), average="macro"), abs=1e-6)
     assert row["AUROC"] == pytest.approx(roc_auc_score(targets, preds.softmax(1), multi_class="ovr"), abs=1e-6)

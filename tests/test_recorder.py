@@ -39,7 +39,7 @@ def test_recorder_records_plain_floats_per_step_and_per_epoch():
     assert len(rec.losses) == 3 * 5 and all(type(v) is float for v in rec.losses)
     assert rec.lrs == [1e-2] * 15
     assert [r["epoch"] for r in rec.history] == [0, 1, 2]
-    assert set(rec.history[0]) == {"epoch", "train_loss", "valid_loss", "accuracy", "time"}
+    assert set(rec.history[0]) == {"epoch", "train_iter", "train_loss", "valid_loss", "accuracy", "time"}
     assert rec.history[1]["train_loss"] == pytest.approx(sum(rec.losses[5:10]) / 5)
     assert rec.history[-1]["valid_loss"] == pytest.approx(learn.validate()["valid_loss"])
     series = rec.series("grad_norm")
@@ -117,7 +117,7 @@ def test_progress_bar_prints_one_row_per_epoch(capsys):
     learn = make_learner(progress=True)
     learn.fit(2)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert out[0].split() == ["epoch", "train_iter", "train_loss", "valid_loss", "accuracy", "time"]
     assert [line.split()[0] for line in out[1:]] == ["0", "1"]
     learn2 = make_learner(progress=False)
     learn2.fit(1)

@@ -167,7 +167,7 @@ def test_states_round_trip_weights_only(tmp_path):
         fresh = type(cb)(tmp_path / "b.pt") if isinstance(cb, SaveBest) else type(cb)()
         fresh.load_state_dict(state)
         assert fresh.state_dict() == cb.state_dict()
-    assert cbs[0].state_dict() == {"best": 0.5, "best_epoch": 1, "wait": 3, "last_epoch": 4}
+    assert cbs[0].state_dict() == {"best": 0.5, "best_epoch": 1, "best_iter": 6, "wait": 3, "n_rows": 5}
 
 
 def test_early_stopping_resumes_exactly(tmp_path):

@@ -103,16 +103,17 @@ def _data_shape(dl) -> dict:
             "world_size": torch.distributed.get_world_size() if _distributed() else 1}
 
 
-def training_state(learn, mid_epoch: bool, rng: list[dict]) -> dict:
-    """The complete state of `learn` between two batches (`mid_epoch`) or after an epoch, as plain data.
+def training_state(learn, position: tuple[int, int, int] | None, rng: list[dict]) -> dict:
+    """The complete state of `learn` between two batches or after an epoch, as plain data. `position`: mid-epoch,
+    `(epoch, offset, train_iter)` of the next batch (None: after the epoch).
 
     `loop` says where to continue (the epoch, the batch within it and the next `train_iter`) and what that
     position depends on (`n_batches` per epoch, `n_samples`, `world_size`).
     """
     model = unwrap_model(learn.model)
     data = learn.dls.state_dict()
-    if mid_epoch:  # the train loader has already moved its counter to the next epoch: say where this one stands
-        epoch, offset, train_iter = learn.epoch, learn.iter + 1, learn.train_iter + 1
+    if position is not None:  # the train loader has already moved its counter to the next epoch: say where it is
+        epoch, offset, train_iter = position
         if "train" in data:
             data["train"] = {"epoch": epoch, "offset": offset}
     else:
@@ -150,6 +151,8 @@ class Checkpoint(Callback):
     all-reduce every `TIME_SYNC_STEPS` (16) training batches, so a timed checkpoint lands within 16 steps of due.
     Every such file is an exact-resume point. Seed 003's recipe (average the last checkpoints of a long run) is
     `Checkpoint(dir, every_n_minutes=30, keep_last=10)`, then `looplab.average_last(dir, 10, model)`.
+    With `fit(..., valid_every=K)`, a checkpoint due after a batch that a validation follows is written after that
+    validation and holds its history row, so resuming from it goes on training without validating again.
     Resume with `learn.fit(..., resume_from=dir)`; use one folder per fit.
     """
     TIME_SYNC_STEPS = 16
@@ -174,6 +177,7 @@ class Checkpoint(Callback):
         self._resumed_files: list[str] | None = None  # the lineage a Resume loaded (None: the file had none)
         self._resume: Resume | None = None  # the Resume of this fit, when it continues a run in `dir`
         self._starting = False  # before the first epoch of a fit
+        self._pending: tuple | None = None  # (position, stop): a write waiting for the validation after its batch
 
     # ---- lineage -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -259,7 +263,7 @@ class Checkpoint(Callback):
         self._own, self._resumed_files = [], None
         resume = next((cb for cb in learn.cbs if isinstance(cb, Resume)), None)
         self._resume = resume if resume is not None and resume.folder.resolve() == self.dir.resolve() else None
-        self._starting = True
+        self._starting, self._pending = True, None
         if is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.dir, "ckpt-*.tmp")
@@ -287,15 +291,32 @@ class Checkpoint(Callback):
         scheduled = self.every_n_steps is not None and done % self.every_n_steps == 0
         timed_check = self.every_n_minutes is not None and done % self.TIME_SYNC_STEPS == 0
         stop, timed = self._agree(scheduled or timed_check)
-        if scheduled or stop or timed:
-            self._save(mid_epoch=True)
+        if not (scheduled or stop or timed):
+            return
+        position = (learn.epoch, learn.iter + 1, done)
+        every = learn.valid_every
+        if every is not None and (done % every == 0 or done == learn.n_steps):  # a validation follows this batch
+            ends_epoch = learn.iter + 1 == learn.n_iter or done == learn.n_steps  # it validates in the epoch's slot
+            self._pending = (None if ends_epoch else position, stop)  # None: written as the epoch's end
+            return
+        self._save(position)
         if stop:
             self._stop()
 
+    def after_validate(self):
+        if self._pending is not None and self._pending[0] is not None:  # mid-epoch: the validation it waited for
+            (position, stop), self._pending = self._pending, None
+            self._save(position)
+            if stop:
+                self._stop()
+
     def after_epoch(self):
-        stop = self._stop_requested(True)
-        if self.every_epoch or stop:
-            self._save(mid_epoch=False)
+        # a write waiting for the epoch's validation is the epoch's end; one a Cancel left waiting mid-epoch too (a
+        # mid-epoch position would resume the part of the epoch the Cancel skipped)
+        pending, self._pending = self._pending, None
+        stop = self._stop_requested(True) or (pending is not None and pending[1])
+        if self.every_epoch or stop or pending is not None:
+            self._save(None)
         if stop:
             self._stop()
 
@@ -307,19 +328,20 @@ class Checkpoint(Callback):
         self._restore_handlers()
 
     # ---- writing -----------------------------------------------------------------------------------------------
-    def _save(self, mid_epoch: bool) -> None:
+    def _save(self, position: tuple[int, int, int] | None) -> None:
+        """Write a checkpoint: mid-epoch at `position` (see `training_state`), or after the epoch (None)."""
         learn = self.learn
         rng = _rng_states_by_rank()  # every rank takes part
         if not is_main_process():
             return
         self._last_write = time.monotonic()  # the next timed write is due m minutes from now (rank 0 decides)
-        steps = learn.train_iter + 1 if mid_epoch else learn.train_iter
-        path = self.dir / (f"ckpt-{steps:08d}.pt" if mid_epoch else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt")
+        steps = learn.train_iter if position is None else position[2]
+        path = self.dir / (f"ckpt-{steps:08d}.pt" if position else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt")
         lineage = sorted([p for p in self._own if p != path] + [path], key=_sort_key)
         kept = lineage if self.keep_last is None else lineage[-self.keep_last:]
         previous, self._own = self._own, kept  # the file names the lineage it will have once it is complete
         try:
-            state = training_state(learn, mid_epoch, rng)
+            state = training_state(learn, position, rng)
             self.last_path, self._last_loop = atomic_save(state, path), state["loop"]
         except BaseException:
             self._own = previous

@@ -46,6 +46,8 @@ class ProgressBar(Callback):
     show = False  # validate() outside a fit shows no bar
     in_html = False
     next_refresh = math.inf  # no phase open
+    training_open = False  # the open phase is training
+    reopen = False  # a validation interrupted the training phase (`valid_every`): its bar comes back after it
 
     def before_fit(self):
         self.show = is_main_process()
@@ -54,10 +56,11 @@ class ProgressBar(Callback):
         self.header_done = False
         self.n_rows = 0  # history rows shown so far
         self.status = ""  # html: the running loss shown after the bar
+        self.reopen = False
 
     def _open(self, desc: str):
         learn = self.learn
-        self.next_refresh = math.inf
+        self.next_refresh, self.training_open = math.inf, learn.training
         if not self.show:
             return
         self.shown_losses = len(learn.recorder.losses)
@@ -73,12 +76,19 @@ class ProgressBar(Callback):
         self._open("train")
 
     def before_validate(self):
+        self.reopen = self.bar_open and self.training_open  # mid-epoch: the training bar makes way
+        self._close()
         self._open("valid")
 
     def after_batch(self):
         if time.perf_counter() < self.next_refresh:
             return
         learn = self.learn
+        if self.reopen and learn.training:
+            self.reopen = False
+            self._open("train")
+            if not self.show:
+                return
         loss = None
         if learn.training:
             losses = learn.recorder.losses
@@ -137,10 +147,13 @@ class ProgressBar(Callback):
 
     def after_train(self):
         self._close()
+        self.reopen = False
 
     def after_validate(self):
         self._close()
         self._show_new_rows()  # a row written after a validation (mid-epoch)
+        if self.reopen:
+            self.next_refresh = 0.0  # the next training batch reopens the training bar
 
     def after_epoch(self):
         self._show_new_rows()

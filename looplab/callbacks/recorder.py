@@ -1,4 +1,4 @@
-"""Recorder: per-step losses and lrs, any logged series, validation results and per-epoch history."""
+"""Recorder: per-step losses and lrs, any logged series, validation results and the history rows."""
 from __future__ import annotations
 
 import math
@@ -49,8 +49,14 @@ class Recorder(Callback):
 
     Per training step it keeps the loss (after callbacks such as MixUp set it, before anything scales it for
     backward) and the lr of the last parameter group. Tensors on an accelerator are kept (detached) and turned into
-    floats in one batch at the end of each epoch or when read, so recording costs no host sync per step; CPU
-    tensors are read at once (no sync there). What it exposes and saves is plain floats, never tensors or graphs.
+    floats in one batch (one transfer) every `flush_every` steps, at each history row and when read, so recording
+    costs no host sync per step and its device memory stays bounded however long an epoch is; CPU tensors are read
+    at once (no sync there). What it exposes and saves is plain floats, never tensors or graphs.
+
+    `history` has one row per epoch (at its end), or with `fit(..., valid_every=K)` one per validation of the fit:
+    `epoch` (of the last training batch done), `train_iter` (training batches done), `train_loss` (the mean since
+    the previous row; per epoch: over the epoch), `valid_loss` and every metric when there was validation, and
+    `time` (seconds since the previous row or the fit's start). `validate()` outside a fit adds no row.
 
     Validation (one host sync per phase): the loss and every metric function's value are summed, times the batch
     size, on the device, so `valid_loss` and those metrics are per-sample means over the whole set; a metric
@@ -64,6 +70,7 @@ class Recorder(Callback):
     their own state across processes in `compute()`.
     """
     order = Order.RECORDER
+    flush_every = 100  # training steps between two transfers of pending accelerator tensors
 
     def __init__(self):
         self._reset()
@@ -82,7 +89,9 @@ class Recorder(Callback):
         self._n_flushed, self._series_flushed = 0, {}  # how much of each list holds floats already
         self.history: list[dict[str, float]] = []
         self.epoch_start = 0  # index in `losses` of the current epoch's first step
-        self.epoch_ends: list[int] = []  # index in `losses` of each epoch's last step (for plots)
+        self.row_start = 0  # index in `losses` of the first step after the last history row
+        self.epoch_ends: list[int] = []  # index in `losses` of each history row's last step (for plots)
+        self._in_fit = False
 
     # ---- reading -------------------------------------------------------------------------------------------
     @property
@@ -135,10 +144,12 @@ class Recorder(Callback):
     # ---- events --------------------------------------------------------------------------------------------
     def before_fit(self):
         self._reset()
-        self._epoch_t0 = time.perf_counter()  # also for an epoch whose before_epoch a Cancel cut short
+        self._row_t0, self._in_fit = time.perf_counter(), True
+
+    def after_fit(self):
+        self._in_fit = False
 
     def before_epoch(self):
-        self._epoch_t0 = time.perf_counter()
         self.last_validation = {}
 
     def before_train(self):
@@ -155,14 +166,20 @@ class Recorder(Callback):
                 m.to(learn.device)
             m.reset()
         self._valid_sums, self._valid_count = None, 0
+        self.last_validation = {}
 
     def after_loss(self):
         learn = self.learn
         if learn.training:
             loss = learn.loss
             # On the CPU reading the value is no sync and is cheaper than keeping a tensor alive until the flush;
-            # on an accelerator the tensor is kept and read in one batch at the epoch's end.
-            self._losses.append(loss.item() if loss.is_cpu else loss.detach())
+            # on an accelerator the tensor is kept and read in one batch every `flush_every` steps.
+            if loss.is_cpu:
+                self._losses.append(loss.item())
+            else:
+                self._losses.append(loss.detach())
+                if len(self._losses) - self._n_flushed >= self.flush_every:
+                    self.flush()
             self.lrs.append(learn.opt.param_groups[-1]["lr"])
             return
         n = _batch_size(learn)
@@ -175,7 +192,7 @@ class Recorder(Callback):
         self._valid_sums = sums if self._valid_sums is None else self._valid_sums + sums
         self._valid_count += n
 
-    def after_validate(self):
+    def _finish_validation(self) -> None:
         learn = self.learn
         sums, count = self._valid_sums, self._valid_count
         self._valid_sums, self._valid_count = None, 0
@@ -193,19 +210,31 @@ class Recorder(Callback):
         names = ["valid_loss", *map(metric_name, self._metrics)]
         self.last_validation = dict(zip(names, torch.stack(values).tolist()))
 
+    def after_validate(self):
+        self._finish_validation()
+        if self._in_fit and self.learn.valid_every is not None:
+            self._add_row()
+
     def after_epoch(self):
+        if self.learn.valid_every is None:
+            self._add_row()
+        else:
+            self.flush()
+
+    def _add_row(self) -> None:
         self.flush()
-        epoch_losses = self._losses[self.epoch_start:]
-        row = {"epoch": self.learn.epoch,
-               "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan,
-               **self.last_validation,
-               "time": time.perf_counter() - self._epoch_t0}
-        self.history.append(row)
+        learn = self.learn
+        losses = self._losses[self.epoch_start if learn.valid_every is None else self.row_start:]
+        now = time.perf_counter()
+        self.history.append({"epoch": learn.epoch, "train_iter": learn.train_iter,
+                             "train_loss": sum(losses) / len(losses) if losses else math.nan,
+                             **self.last_validation, "time": now - self._row_t0})
+        self._row_t0, self.row_start = now, len(self._losses)
         self.epoch_ends.append(len(self._losses) - 1)
 
     # ---- plots -----------------------------------------------------------------------------------------------
     def plot_loss(self, skip_start: int = 0):
-        """Training loss per step, and validation loss at the end of each epoch, as a matplotlib Figure."""
+        """Training loss per step, and validation loss at each history row's last step, as a matplotlib Figure."""
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
         losses = self.losses
@@ -234,7 +263,7 @@ class Recorder(Callback):
         self.flush()
         return {"losses": list(self._losses), "lrs": list(self.lrs), "history": [dict(r) for r in self.history],
                 "series": {k: [list(e) for e in v] for k, v in self._series.items()},
-                "epoch_start": self.epoch_start, "epoch_ends": list(self.epoch_ends)}
+                "epoch_start": self.epoch_start, "row_start": self.row_start, "epoch_ends": list(self.epoch_ends)}
 
     def load_state_dict(self, state: dict) -> None:
         self._losses, self.lrs = list(state["losses"]), list(state["lrs"])
@@ -242,4 +271,5 @@ class Recorder(Callback):
         self._series = {k: [list(e) for e in v] for k, v in state["series"].items()}
         self._n_flushed, self._series_flushed = len(self._losses), {k: len(v) for k, v in self._series.items()}
         self.epoch_start = int(state["epoch_start"])
+        self.row_start = int(state.get("row_start", len(self._losses)))
         self.epoch_ends = [int(i) for i in state["epoch_ends"]]

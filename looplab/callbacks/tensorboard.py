@@ -9,7 +9,7 @@ from ..callback import Callback
 from ..checks import check_int
 from ..display import markdown_table
 from ..util import is_main_process, unwrap_model
-from .loggers import published
+from .loggers import published, row_step
 from .order import Order
 
 __all__ = ["TensorBoard", "check_hparams", "write_hparams"]
@@ -39,8 +39,9 @@ def write_hparams(writer: SummaryWriter, hparams: dict, history: list[dict]) -> 
 
 
 class TensorBoard(Callback):
-    """Writes `train_loss` and `lr` per step, every `recorder.log` series, `valid_loss` and metrics per epoch
-    (at the step count reached), and a histogram of every parameter each epoch. Only rank 0 writes. Published
+    """Writes `train_loss` and `lr` per step, every `recorder.log` series, each history row's `valid_loss` and
+    metrics at the row's `train_iter` (per epoch, or per validation with `valid_every`, as soon as the row is
+    written), and a histogram of every parameter each epoch. Only rank 0 writes. Published
     histograms and tables (the loggers' channel, `looplab/callbacks/loggers.py`) are written as histograms and as
     markdown text (the Text tab) at their steps.
 
@@ -60,6 +61,7 @@ class TensorBoard(Callback):
     """
     order = Order.TENSORBOARD
     during_lr_find = False
+    active = False  # this process writes (set in before_fit)
 
     def __init__(self, log_dir: str | os.PathLike = "runs", histograms: bool = True, hparams: dict | None = None,
                  flush_every: int | None = 100):
@@ -74,6 +76,7 @@ class TensorBoard(Callback):
         if self.active and self.writer is None:
             self.writer = SummaryWriter(self.log_dir)
         self.n_written: dict[str, int] = {}
+        self.n_rows = 0  # history rows written
         self.step_base, self._started = self._next_base, True
 
     def _write_series(self, name: str, pairs) -> None:
@@ -99,14 +102,26 @@ class TensorBoard(Callback):
             self._write_recorded()
             self.writer.flush()
 
+    def _write_rows(self) -> None:
+        history = self.learn.recorder.history
+        for row in history[self.n_rows:]:
+            step = self.step_base + row_step(self.learn, row)
+            for name, value in row.items():
+                if name not in ("epoch", "train_iter", "train_loss", "time"):
+                    self.writer.add_scalar(name, value, step)
+        self.n_rows = len(history)
+
+    def after_validate(self):
+        if self.active and self.writer is not None and len(self.learn.recorder.history) > self.n_rows:
+            self._write_recorded()  # a row of a validation (`valid_every`): everything up to it, then the row
+            self._write_rows()
+            self.writer.flush()
+
     def after_epoch(self):
         if not self.active:
             return
-        rec = self.learn.recorder
         step = self.step_base + self._write_recorded()
-        for name, value in rec.history[-1].items():
-            if name not in ("epoch", "train_loss", "time"):
-                self.writer.add_scalar(name, value, step)
+        self._write_rows()
         if self.histograms:
             for name, p in unwrap_model(self.learn.model).named_parameters():
                 self.writer.add_histogram(name, p.detach().float().cpu(), step)
@@ -122,11 +137,12 @@ class TensorBoard(Callback):
         self.writer.flush()
 
     def state_dict(self) -> dict:
-        return {"n_written": dict(self.n_written), "step_base": self.step_base}
+        return {"n_written": dict(self.n_written), "step_base": self.step_base, "n_rows": self.n_rows}
 
     def load_state_dict(self, state: dict) -> None:
         self.n_written = dict(state["n_written"])
         self.step_base = int(state.get("step_base", 0))
+        self.n_rows = int(state.get("n_rows", len(self.learn.recorder.history) if self.learn is not None else 0))
 
     def after_fit(self):
         if self._started:  # not when an earlier callback's before_fit failed before ours ran

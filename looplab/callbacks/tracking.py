@@ -1,7 +1,8 @@
 """Training control from the recorded values: EarlyStopping, SaveBest, ReduceLROnPlateau; and TerminateOnNaN.
 
-The monitored value is any key of the Recorder's last history row (`train_loss`, `valid_loss`, every metric),
-read in `after_epoch` after the Recorder (order 50) has written that row. `mode="auto"` takes the direction a metric
+The monitored value is any key of the Recorder's history rows (`train_loss`, `valid_loss`, every metric), read
+after the Recorder (order 50) has written a row: in `after_epoch`, or with `fit(..., valid_every=K)` in
+`after_validate`, so `patience` counts validations. `mode="auto"` takes the direction a metric
 object of that name declares (`higher_is_better`, as torchmetrics' have), else reads it from the name
 (`name_direction`), else is a ValueError asking for `mode=`: resolved in `before_fit`, before any training.
 Counters and best values are in each callback's `state_dict()`, so a resumed run continues them; a fresh fit
@@ -101,11 +102,12 @@ def _check_number(name: str, value, low: float, strict: bool = False) -> None:
 
 
 class _Tracker(Callback):
-    """Follows `monitor` epoch by epoch: the best value (better by more than `min_delta`) and the epochs since it.
+    """Follows `monitor` row by row (a row per epoch, or per validation with `valid_every`): the best value (better
+    by more than `min_delta`), the epoch and `train_iter` of its row, and the rows since it (`wait`).
 
-    `_sync()` reads each new history row once, whoever asks first: the callback's own `after_epoch`, or a
-    Checkpoint calling `state_dict()` earlier in the same `after_epoch`, so a checkpoint always holds counters that
-    include its epoch. A fit starts the counters afresh (Resume then loads saved ones).
+    `_sync()` reads each new history row once, whoever asks first: the callback's own `after_epoch` /
+    `after_validate`, or a Checkpoint calling `state_dict()` earlier, so a checkpoint always holds counters that
+    include its row. A fit starts the counters afresh (Resume then loads saved ones).
 
     `mode` is "min" or "max" once known: at construction when the name says (or `mode=` does), else in
     `before_fit`, where `mode="auto"` is resolved against the Learner's metrics (see the module docstring).
@@ -121,6 +123,7 @@ class _Tracker(Callback):
         self.monitor, self.requested_mode, self.min_delta = monitor, mode, float(min_delta)
         self.mode: str | None = mode if mode != "auto" else name_direction(monitor)
         self.before_fit()
+        self.fitting = False  # rows are read during a fit only (a validate() after it adds none)
 
     def before_fit(self):
         if self.learn is not None and self.requested_mode == "auto":  # the metrics are known now
@@ -131,45 +134,56 @@ class _Tracker(Callback):
                 raise ValueError(f"{self.name}: {e}") from None
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.wait = 0  # epochs since the last improvement
-        self._last_epoch: int | None = None  # the epoch of the last history row read
+        self.best_iter: int | None = None  # the `train_iter` of the best row
+        self.wait = 0  # rows (epochs, or validations) since the last improvement
+        self.n_rows = 0  # history rows read
+        self.fitting = True
+
+    def after_fit(self):
+        self.fitting = False
 
     def _sync(self) -> bool:
-        """Read the newest history row if not read yet; True if it improved on the best."""
-        history = self.learn.recorder.history if self.learn is not None else []
-        if not history or history[-1].get("epoch") == self._last_epoch:
-            return False
-        row = history[-1]
-        if self.monitor not in row:
-            raise ValueError(f"{self.name} monitors {self.monitor!r}, which is not recorded; "
-                             f"available: {sorted(row)}")
-        value, self._last_epoch = float(row[self.monitor]), row.get("epoch")
-        if self.best is None:
-            better = not math.isnan(value)
-        elif self.mode == "min":
-            better = value < self.best - self.min_delta
-        else:
-            better = value > self.best + self.min_delta
-        if better:
-            self.best, self.best_epoch, self.wait = value, self._last_epoch, 0
-        else:
-            self.wait += 1
+        """Read the history rows not read yet; True if the newest of them improved on the best."""
+        history = self.learn.recorder.history if self.learn is not None and self.fitting else []
+        better = False
+        for row in history[self.n_rows:]:
+            if self.monitor not in row:
+                raise ValueError(f"{self.name} monitors {self.monitor!r}, which is not recorded; "
+                                 f"available: {sorted(row)}")
+            value = float(row[self.monitor])
+            if self.best is None:
+                better = not math.isnan(value)
+            elif self.mode == "min":
+                better = value < self.best - self.min_delta
+            else:
+                better = value > self.best + self.min_delta
+            if better:
+                self.best, self.best_epoch, self.best_iter, self.wait = value, row.get("epoch"), row.get("train_iter"), 0
+            else:
+                self.wait += 1
+        self.n_rows = max(self.n_rows, len(history))
         return better
 
     def state_dict(self) -> dict:
         self._sync()
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "last_epoch": self._last_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_iter": self.best_iter, "wait": self.wait,
+                "n_rows": self.n_rows}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], int(state["wait"])
-        self._last_epoch = state["last_epoch"]
+        self.best_iter = state.get("best_iter")
+        # files from before rows were counted hold the epoch of the last row read: the rows up to it
+        self.n_rows = int(state["n_rows"]) if "n_rows" in state else (
+            0 if state.get("last_epoch") is None else len(self.learn.recorder.history))
 
 
 class EarlyStopping(_Tracker):
-    """Stop the fit once `monitor` has not improved (by more than `min_delta`) for `patience` epochs in a row.
+    """Stop the fit once `monitor` has not improved (by more than `min_delta`) for `patience` rows in a row: epochs,
+    or validations with `fit(..., valid_every=K)`.
 
-    Stops in `after_epoch` with order 100, after progress, logging and checkpoint callbacks have seen the epoch
-    (a checkpoint written then already counts this epoch: see `_Tracker`).
+    Stops in `after_epoch` (or `after_validate`) with order 100, after progress, logging and checkpoint callbacks
+    have seen the row (a checkpoint written then already counts it: see `_Tracker`). `stopped_epoch` and
+    `stopped_iter` say where.
     """
     order = Order.EARLY_STOPPING
     during_lr_find = False
@@ -178,19 +192,25 @@ class EarlyStopping(_Tracker):
         self.patience = check_int("patience", patience, 1)
         super().__init__(monitor, mode, min_delta)
         self.stopped_epoch: int | None = None
+        self.stopped_iter: int | None = None
 
     def before_epoch(self):
-        if self.wait >= self.patience:  # resumed from the checkpoint of the epoch this run stopped after
-            raise CancelFit(f"early stopping: {self.monitor} has not improved for {self.wait} epochs")
+        if self.wait >= self.patience:  # resumed from the checkpoint of the row this run stopped after
+            raise CancelFit(f"early stopping: {self.monitor} has not improved for {self.wait} validations")
 
-    def after_epoch(self):
+    def after_validate(self):
         self._sync()
-        if self.wait >= self.patience:
-            self.stopped_epoch = self.learn.epoch
+        if self.wait >= self.patience and self.fitting:
+            learn = self.learn
+            self.stopped_epoch, self.stopped_iter = learn.epoch, learn.train_iter
             if is_main_process():
-                print(f"EarlyStopping: no improvement in {self.monitor} for {self.wait} epochs (best {self.best:.6g} "
-                      f"at epoch {self.best_epoch}); stopped after epoch {self.learn.epoch}")
-            raise CancelFit(f"early stopping after epoch {self.learn.epoch}")
+                print(f"EarlyStopping: no improvement in {self.monitor} for {self.wait} "
+                      f"{'epochs' if learn.valid_every is None else 'validations'} (best {self.best:.6g} at epoch "
+                      f"{self.best_epoch}, step {self.best_iter}); stopped after epoch {learn.epoch}, step "
+                      f"{learn.train_iter}")
+            raise CancelFit(f"early stopping after epoch {learn.epoch}, step {learn.train_iter}")
+
+    after_epoch = after_validate
 
 
 class SaveBest(_Tracker):
@@ -205,6 +225,8 @@ class SaveBest(_Tracker):
     def after_epoch(self):
         if self._sync() and is_main_process():
             self.learn.save(self.path)
+
+    after_validate = after_epoch  # a row per validation (`valid_every`)
 
 
 class ReduceLROnPlateau(_Tracker):
@@ -230,6 +252,8 @@ class ReduceLROnPlateau(_Tracker):
             for group in self.learn.opt.param_groups:
                 group["lr"] = max(group["lr"] / self.factor, self.min_lr)
             self.wait = 0
+
+    after_validate = after_epoch  # a row per validation (`valid_every`)
 
 
 class TerminateOnNaN(Callback):
