@@ -141,9 +141,8 @@ class PruneTrial(Callback):
             self.pruned = True
             raise CancelFit()
 
-    def after_batch(self):
-        if self.learn.training:
-            self._report()  # a row written mid-epoch
+    def after_validate(self):
+        self._report()  # a row of a validation (`valid_every`: mid-epoch too)
 
     def after_epoch(self):
         self._report()

@@ -331,3 +331,15 @@ def test_the_recorder_bounds_its_pending_accelerator_tensors():
     assert max(pending) <= learn.recorder.flush_every and max(pending) > 0
     assert all(isinstance(v, float) for v in learn.recorder.losses)
     assert not math.isnan(learn.recorder.history[-1]["train_loss"])
+
+
+def test_a_sweep_pruner_acts_on_a_mid_epoch_row():
+    import optuna
+    from looplab.sweep import PruneTrial
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 is pruned
+    trial = study.ask()
+    prune = PruneTrial(trial, "valid_loss")
+    learn = learner(cbs=[prune])
+    learn.fit(steps=30, valid_every=5)
+    assert prune.pruned and len(learn.recorder.losses) == 5  # stopped right after the validation after batch 5
+    assert list(study.trials[0].intermediate_values) == [5]

@@ -164,9 +164,9 @@ class CSVLogger(Callback):
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, restval="").writerows(new)
 
-    def after_batch(self):
-        if self.active and self.learn.training:
-            self._write_new_rows()  # a row written mid-epoch (after a validation)
+    def after_validate(self):
+        if self.active:
+            self._write_new_rows()  # a row of a validation (`valid_every`: mid-epoch too)
 
     def after_epoch(self):
         if self.active:
