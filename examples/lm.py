@@ -4,24 +4,27 @@ The corpus is the top-level `*.py` files of `sysconfig.get_paths()["stdlib"]` (s
 download), split by file: every tenth file is held out. The model is plain torch (token and position embeddings,
 pre-LN blocks of causal self-attention and an MLP, a head tied to the embedding unless `--untied`), trained with
 AdamW, a linear warmup then cosine decay over exactly the fit's steps (`fit_warmup_cos(steps=, warmup_steps=)`),
-gradient clipping, a checkpoint every few minutes of wall-clock time (and at the last step), and TensorBoard logs
-(`train_loss` every step). At the end it prints the held-out bits per byte of the last weights and of the average
-of the last `--average` checkpoints (`average_last`), next to gzip -9 and xz -9e on the whole held-out text. The
-model reads non-overlapping windows of `--ctx` bytes; by default it is evaluated on 128 KiB of them spread evenly
-over the held-out text (an estimate, cheap on a CPU); `--valid-bytes 0` evaluates every window.
+gradient clipping, validation on the held-out windows every `--valid-every` steps (`fit(..., valid_every=K)`; by
+default about four times in the run, and at its end), a checkpoint every few minutes of wall-clock time (and at
+the last step), and TensorBoard logs (`train_loss` every step; `valid_loss` in nats and `bits_per_byte` at each
+validation's step). At the end it prints the held-out bits per byte of the last weights (the fit's last
+validation) and of the average of the last `--average` checkpoints (`average_last`), next to gzip -9 and xz -9e on
+the whole held-out text. The model reads non-overlapping windows of `--ctx` bytes; by default it is evaluated on
+128 KiB of them spread evenly over the held-out text (an estimate, cheap on a CPU); `--valid-bytes 0` evaluates
+every window.
 
 The time budget (`--minutes`): a short timing probe (a hand-written training step on a copy of the model, and a
-validation batch) sets the number of steps so that the whole run, evaluation included, takes about that long; the
+validation batch) sets the number of steps so that the whole run, the validations during the fit and the final
+evaluation of the averaged weights included, takes about that long; the
 schedule then runs to its end. If the machine slows down so much that the fit overruns its share of the budget by
 10% (+10 s), a callback stops it there (CancelFit) with a warning, and the schedule is cut short. `--steps N`
 trains exactly N steps instead. The probe's step time, against the Learner's median step time, is printed as
 the share of each step spent outside the model's own work (looplab's loop and the callbacks).
 
-Validation runs once, at the end, over the held-out windows (`learn.validate(valid_loader)`); the fit itself has
-no validation phase (validation every K steps is future work). Writes under `--out` (default runs/lm):
-`tensorboard/`, `checkpoints/` (both replaced on each run), `loss.png`.
+Writes under `--out` (default runs/lm): `tensorboard/`, `checkpoints/` (both replaced on each run), `loss.png`
+(training loss per step, validation loss at its steps).
 
-    python examples/lm.py [--minutes 3 | --steps N] [--out runs/lm] [--seed 0] [--layers 2 --dim 128 --ctx 64 --bs 64 ...]
+    python examples/lm.py [--minutes 3 | --steps N] [--valid-every K] [--out runs/lm] [--seed 0] [--layers 2 --dim 128 --ctx 64 --bs 64 ...]
 """
 from __future__ import annotations
 
@@ -139,6 +142,11 @@ def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
 
+def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The validation metric: mean cross-entropy per predicted byte, in bits."""
+    return next_byte_loss(logits, targets) / math.log(2)
+
+
 # ---- timing ----------------------------------------------------------------------------------------------------
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, eval_bs: int, lr: float, clip: float,
           n_steps: int, n_warm: int = 2) -> tuple[float, float]:
@@ -177,6 +185,9 @@ class StepTimer(Callback):
     def before_train(self):
         self._last = time.perf_counter()
 
+    def after_validate(self):  # a validation mid-epoch (`valid_every`) is not part of the next step
+        self._last = time.perf_counter()
+
     def after_batch(self):
         if self.learn.training:
             now = time.perf_counter()
@@ -197,8 +208,13 @@ class StopAt(Callback):
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def bits_per_byte(nats: float) -> float:
+def nats_to_bits(nats: float) -> float:
     return nats / math.log(2)
+
+
+def default_valid_every(steps: int) -> int:
+    """About four validations in a fit of `steps` (at K, 2K, 3K, 4K, and at the end if it is not one of them)."""
+    return max(1, steps // 4)
 
 
 def main() -> None:
@@ -220,6 +236,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=float, default=0.1, help="warmup, a fraction of the steps")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping, max global norm")
+    parser.add_argument("--valid-every", type=int, default=None,
+                        help="validate every K training steps, and at the end (default: steps // 4, so 4-5 "
+                             "validations)")
     parser.add_argument("--average", type=int, default=3, help="average the last N checkpoints")
     parser.add_argument("--checkpoints", type=int, default=10,
                         help="about how many timed checkpoints the run writes (every planned-time / N minutes)")
@@ -243,8 +262,8 @@ def main() -> None:
     x, y = windows(train_text, args.ctx)
     xv, yv = spread(*windows(held_out_text, args.ctx), args.valid_bytes // args.ctx or None)
     eval_bs = 4 * args.bs
-    dls = DataLoaders(TensorLoader(x, y, bs=args.bs, shuffle=True, seed=args.seed, drop_last=True), None)
     valid_loader = TensorLoader(xv, yv, bs=eval_bs, shuffle=False)
+    dls = DataLoaders(TensorLoader(x, y, bs=args.bs, shuffle=True, seed=args.seed, drop_last=True), valid_loader)
     print(f"stdlib: {n_train_files} training files ({len(train_text):,} bytes, {len(x):,} windows of {args.ctx}), "
           f"{n_held_out_files} held out ({len(held_out_text):,} bytes; the model is evaluated on {yv.numel():,} of them)")
 
@@ -263,16 +282,27 @@ def main() -> None:
         print("threads: " + ", ".join(f"{n}: {1e3 * s:.0f} ms a step" for n, s in candidates.items())
               + f" -> {torch.get_num_threads()}")
     hand_step, eval_batch = probe(model, x, y, args.bs, eval_bs, args.lr, args.clip, n_steps=8)
-    eval_s = 2 * len(valid_loader) * eval_batch  # last weights and averaged weights
+    eval_s = len(valid_loader) * eval_batch  # one pass over the held-out windows
     if args.steps is not None:
-        steps, fit_s = args.steps, args.steps * hand_step
+        steps = args.steps
     else:
-        # the rest of the budget, less the two evaluations and a margin for the loop, checkpoints, plots
-        fit_s = 60 * minutes - (time.monotonic() - t0) - eval_s - 5
-        steps = max(int(fit_s / (1.15 * hand_step)), 10)  # margin: a shared machine's step varies ±15%
+        # the rest of the budget, less the final evaluation of the averaged weights and a margin for the loop,
+        # checkpoints, plots, shared by the steps and the validations during the fit (each an eval_s): with
+        # K = valid_every, steps·step + (steps / K + 1)·eval_s = budget; by default steps // 4 = K: 5 at most
+        budget_s = 60 * minutes - (time.monotonic() - t0) - eval_s - 5
+        step_s = 1.15 * hand_step  # margin: a shared machine's step varies ±15%
+        if args.valid_every is None:
+            steps = int((budget_s - 5 * eval_s) / step_s)
+        else:
+            steps = int((budget_s - eval_s) / (step_s + eval_s / args.valid_every))
+        steps = max(steps, 10)
+    valid_every = args.valid_every or default_valid_every(steps)
+    n_validations = steps // valid_every + (steps % valid_every != 0)
+    fit_s = steps * hand_step + n_validations * eval_s
     warmup_steps = min(round(args.warmup * steps), steps - 1)
     print(f"probe: hand-written step {1e3 * hand_step:.0f} ms, validation batch {1e3 * eval_batch:.0f} ms -> "
-          f"{steps} steps (warmup {warmup_steps}), about {fit_s / 60:.1f} min of training")
+          f"{steps} steps (warmup {warmup_steps}), validation every {valid_every} steps ({n_validations} of "
+          f"{eval_s:.1f} s), about {fit_s / 60:.1f} min of fit")
 
     every_n_minutes = max(fit_s / 60 / args.checkpoints, 0.01)
     timer = StepTimer()
@@ -281,12 +311,12 @@ def main() -> None:
            Checkpoint(out / "checkpoints", every_n_minutes=every_n_minutes, every_n_steps=steps, every_epoch=False,
                       keep_last=args.average)]
     stop = StopAt(time.monotonic() + 1.1 * fit_s + 10) if args.steps is None else None
-    learn = Learner(model, dls, next_byte_loss, opt_func=torch.optim.AdamW, lr=args.lr,
+    learn = Learner(model, dls, next_byte_loss, opt_func=torch.optim.AdamW, lr=args.lr, metrics=bits_per_byte,
                     cbs=cbs + ([stop] if stop else []))
     fit_start = time.monotonic()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*already holds.*")  # none: the folder was just emptied
-        learn.fit_warmup_cos(lr=args.lr, warmup_steps=warmup_steps, steps=steps)
+        learn.fit_warmup_cos(lr=args.lr, warmup_steps=warmup_steps, steps=steps, valid_every=valid_every)
     fit_time = time.monotonic() - fit_start
     done = len(learn.recorder.losses)
     if stop is not None and stop.stopped_at is not None:
@@ -302,12 +332,20 @@ def main() -> None:
           f"hand-written (probe) {1e3 * hand_step:.0f} ms: loop and callbacks {100 * (1 - hand_step / loop_step):.0f}% "
           f"of the step")
 
-    last = bits_per_byte(learn.validate(valid_loader)["valid_loss"])
+    history = learn.recorder.history
+    print("validations (bits per byte): " + ", ".join(
+        f"step {row['train_iter']}: train {nats_to_bits(row['train_loss']):.3f} valid {row['bits_per_byte']:.3f}"
+        for row in history))
+    # the fit's last validation saw the last weights, unless the fit was stopped between two validations
+    if history and history[-1]["train_iter"] == done:
+        last = history[-1]["bits_per_byte"]
+    else:
+        last = learn.validate(valid_loader)["bits_per_byte"]
     n_ckpt = len(list((out / "checkpoints").glob("ckpt-*.pt")))
     n_avg = min(args.average, n_ckpt)
     if n_avg:
         average_last(out / "checkpoints", n_avg, learn.model)
-        averaged = bits_per_byte(learn.validate(valid_loader)["valid_loss"])
+        averaged = learn.validate(valid_loader)["bits_per_byte"]
     # the compressors get the whole held-out text (their context is everything before): sampled windows would
     # cut their context to the window, as the model's is, and flatter the model
     gzip_bpb = 8 * len(gzip.compress(held_out_text, 9)) / len(held_out_text)

@@ -1,4 +1,5 @@
-"""examples/lm.py on a tiny budget: it trains, its loss falls, and it prints bits per byte next to gzip and xz."""
+"""examples/lm.py on a tiny budget: it trains, its loss falls, it validates every K steps (by default steps // 4),
+and it prints bits per byte next to gzip and xz."""
 import math
 import os
 import re
@@ -24,6 +25,11 @@ def test_lm_example_trains_and_prints_bits_per_byte(tmp_path):
                                        text).groups())
     assert last < first - 0.5, text  # from ~ln 256 = 5.5 nats towards the byte statistics of Python source
     assert re.search(rf"steps: {STEPS} in ", text), text
+    # valid_every defaults to steps // 4: validations after steps 10, 20, 30 and 40 (the end), in bits per byte
+    rows = re.search(r"^validations \(bits per byte\): (.*)$", text, re.MULTILINE).group(1)
+    valid = [(int(i), float(v)) for i, v in re.findall(r"step (\d+): train [\d.]+ valid ([\d.]+)", rows)]
+    assert [i for i, _ in valid] == [10, 20, 30, 40], text
+    assert valid[-1][1] < valid[0][1], text
 
     bpb = {name: float(v) for name, v in re.findall(r"^  (model, last weights|model, average of last \d+ ckpts|"
                                                      r"gzip -9|xz -9e)\s+([\d.]+)$", text, re.MULTILINE)}
@@ -33,8 +39,14 @@ def test_lm_example_trains_and_prints_bits_per_byte(tmp_path):
     assert bpb["model, average of last 1 ckpts"] == bpb["model, last weights"]
 
     assert (out / "loss.png").stat().st_size > 0
-    assert [p.name for p in (out / "checkpoints").glob("ckpt-*.pt")] == [f"ckpt-{STEPS:08d}.pt"]
+    # one checkpoint, at the last step (written after that step's validation, as the end of the fit's only epoch)
+    assert [p.name for p in (out / "checkpoints").glob("ckpt-*.pt")] in ([f"ckpt-{STEPS:08d}.pt"],
+                                                                          [f"ckpt-{STEPS:08d}-epoch-0.pt"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == list(range(STEPS))
+    for tag in ("valid_loss", "bits_per_byte"):
+        assert [e.step for e in events.Scalars(tag)] == [10, 20, 30, 40], tag
+    # the last row is the last weights' evaluation: the number printed for them
+    assert round(events.Scalars("bits_per_byte")[-1].value, 3) == bpb["model, last weights"]
