@@ -283,6 +283,7 @@ def main() -> None:
               + f" -> {torch.get_num_threads()}")
     hand_step, eval_batch = probe(model, x, y, args.bs, eval_bs, args.lr, args.clip, n_steps=8)
     eval_s = len(valid_loader) * eval_batch  # one pass over the held-out windows
+    step_s = 1.15 * hand_step  # margin: a shared machine's step varies ±15%
     if args.steps is not None:
         steps = args.steps
     else:
@@ -290,7 +291,6 @@ def main() -> None:
         # checkpoints, plots, shared by the steps and the validations during the fit (each an eval_s): with
         # K = valid_every, steps·step + (steps / K + 1)·eval_s = budget; by default steps // 4 = K: 5 at most
         budget_s = 60 * minutes - (time.monotonic() - t0) - eval_s - 5
-        step_s = 1.15 * hand_step  # margin: a shared machine's step varies ±15%
         if args.valid_every is None:
             steps = int((budget_s - 5 * eval_s) / step_s)
         else:
@@ -298,7 +298,7 @@ def main() -> None:
         steps = max(steps, 10)
     valid_every = args.valid_every or default_valid_every(steps)
     n_validations = steps // valid_every + (steps % valid_every != 0)
-    fit_s = steps * hand_step + n_validations * eval_s
+    fit_s = steps * step_s + n_validations * eval_s  # the fit's planned time, margin included
     warmup_steps = min(round(args.warmup * steps), steps - 1)
     print(f"probe: hand-written step {1e3 * hand_step:.0f} ms, validation batch {1e3 * eval_batch:.0f} ms -> "
           f"{steps} steps (warmup {warmup_steps}), validation every {valid_every} steps ({n_validations} of "
