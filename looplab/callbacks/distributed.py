@@ -8,6 +8,7 @@ global batch's mean loss.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -18,7 +19,39 @@ from torch.nn.parallel import DistributedDataParallel as TorchDDP
 from ..callback import Callback
 from .order import Order
 
-__all__ = ["DistributedDataParallel"]
+__all__ = ["DistributedDataParallel", "skip_gradient_sync", "average_accumulated_grads"]
+
+
+def _torch_ddp(model) -> TorchDDP | None:
+    """torch's DDP wrapper of `model` (also inside a `torch.compile` wrapper), or None."""
+    while type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper (by name: importing dynamo is slow)
+        model = model._orig_mod
+    return model if isinstance(model, TorchDDP) else None
+
+
+def skip_gradient_sync(model) -> contextlib.AbstractContextManager:
+    """For a micro-batch whose gradients only accumulate: torch DDP's `no_sync()` (its forward AND backward must
+    run inside, DDP decides at forward time), so no gradient all-reduce runs; a no-op context for other models."""
+    ddp = _torch_ddp(model)
+    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+
+
+def average_accumulated_grads(model) -> None:
+    """Average gradients accumulated under `no_sync` across the ranks (a collective: every rank calls it).
+
+    A checkpoint written mid-accumulation keeps one copy of the gradients (rank 0's) for every rank: this makes
+    them the same on every rank. The step's own all-reduce averages again, which leaves an already averaged part
+    unchanged, so the step is the one without it (up to rounding); an uninterrupted run does the same averaging
+    at the same checkpoint, so a resumed run stays bit-identical to it.
+    """
+    ddp = _torch_ddp(model)
+    grads = [p.grad for p in ddp.parameters() if p.grad is not None] if ddp is not None else []
+    if not grads or not dist.is_initialized():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 class DistributedDataParallel(Callback):
@@ -67,9 +100,10 @@ class DistributedDataParallel(Callback):
         if self.active:  # a fit raised and its after_fit never ran (a core without `learn.exception`): undo it
             self._teardown(failed=True)
         candidates = [cb for cb in learn.cbs if isinstance(cb, DistributedDataParallel)]
-        self.active = next((cb for cb in candidates if cb.ddp_kwargs), candidates[0]) is self
+        self.active = max(candidates, key=lambda cb: cb.claim()) is self  # the first of the highest claim
         if not self.active:
             return
+        self.check_callbacks()
         self.users_model = learn.model  # first: whatever fails below, after_fit gives this back
         for dl in (learn.dls.train, learn.dls.valid):
             if dl is not None and not hasattr(dl, "set_distributed"):
@@ -91,18 +125,38 @@ class DistributedDataParallel(Callback):
             learn.dls.valid.set_distributed(rank, world_size, even=False)
         self._plan_tail(learn.dls.train, rank, world_size)
         learn.recorder.reduce_valid_sums = self._reduce_valid_sums
+        device = None
+        if dist.get_backend() == "nccl":  # one process per GPU
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        self.wrap(device)
+
+    # ---- what a subclass (FSDP) does differently -----------------------------------------------------------
+    def claim(self) -> int:
+        """Which of several such callbacks works: the first of the highest claim (FSDP 2, DDP with kwargs 1)."""
+        return 1 if self.ddp_kwargs else 0
+
+    def check_callbacks(self) -> None:
+        """Refuse, before anything is set up, callbacks that cannot work with this way of training."""
+
+    def wrap(self, device: torch.device | None) -> None:
+        """Make `learn.model` data-parallel; `device`: this process's accelerator (None: the model stays put)."""
+        learn = self.learn
         if isinstance(learn.model, TorchDDP):  # the user wrapped it: their wrapper, their device placement
             if self.ddp_kwargs:
                 warnings.warn(f"the model is already a torch DistributedDataParallel: {self.ddp_kwargs} go unused",
                               stacklevel=2)
             return
-        model, device_ids = learn.model, None
-        if dist.get_backend() == "nccl":  # one process per GPU
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
+        model = learn.model
+        if device is not None:
             model.to(device)  # in place: the optimizer keeps the same parameters
-            device_ids = [device.index]
+        device_ids = None if device is None else [device.index]
         learn.model = TorchDDP(model, device_ids=device_ids, **self.ddp_kwargs)  # broadcasts rank 0's weights
+
+    def unwrap(self, failed: bool) -> None:
+        """Give the user's model back (`failed`: the fit raised, so no collective may be called)."""
+        if self.users_model is not None:
+            self.learn.model = self.users_model
 
     def _plan_tail(self, dl, rank: int, world_size: int) -> None:
         """Find the last training batch, and this rank's loss weight there if its share is not 1/world_size."""
@@ -146,19 +200,27 @@ class DistributedDataParallel(Callback):
             self._teardown(failed=getattr(self.learn, "exception", None) is not None)
 
     def _teardown(self, failed: bool) -> None:
-        """Undo `before_fit`, also a part of it: the local undo first, then the group (which may raise)."""
+        """Undo `before_fit`, also a part of it: the model first (FSDP gathers it: collectives, unless `failed`),
+        then the loaders and the channel (local), then the group (which may raise)."""
         learn = self.learn
-        if self.users_model is not None:
-            learn.model = self.users_model
-        for dl in (learn.dls.train, learn.dls.valid):
-            if dl is not None and hasattr(dl, "set_distributed"):
-                dl.set_distributed(0, 1)
-        if learn.recorder.reduce_valid_sums == self._reduce_valid_sums:
-            learn.recorder.reduce_valid_sums = None
-        created = self.created_group
-        self.active, self.tail_iter, self.created_group, self.users_model = False, None, False, None
-        if not (created and dist.is_initialized()):  # a user's group is kept
-            return
+        try:
+            self.unwrap(failed)
+        except BaseException:
+            failed = True  # the others may be stuck in the gather: drop the group without waiting
+            raise
+        finally:
+            for dl in (learn.dls.train, learn.dls.valid):
+                if dl is not None and hasattr(dl, "set_distributed"):
+                    dl.set_distributed(0, 1)
+            if learn.recorder.reduce_valid_sums == self._reduce_valid_sums:
+                learn.recorder.reduce_valid_sums = None
+            created = self.created_group
+            self.active, self.tail_iter, self.created_group, self.users_model = False, None, False, None
+            if created and dist.is_initialized():  # a user's group is kept
+                self._end_group(failed)
+
+    @staticmethod
+    def _end_group(failed: bool) -> None:
         if failed:
             _drop_group()
             return
