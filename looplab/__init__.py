@@ -2,9 +2,9 @@
 from .averaging import average_checkpoints, average_last
 from .callback import (Callback, CancelBackward, CancelBatch, CancelEpoch, CancelFit, CancelStep, CancelTrain,
                        CancelValidate)
-from .callbacks import (EMA, SWA, ActivationCheckpointing, Checkpoint, CutMix, EarlyStopping, GradientAccumulation,
-                        GradientClip, MixedPrecision, MixUp, ParamScheduler, ProgressBar, Recorder, ReduceLROnPlateau,
-                        Resume, SaveBest, TensorBoard, TerminateOnNaN)
+from .callbacks import (EMA, FSDP, SWA, ActivationCheckpointing, Checkpoint, CutMix, EarlyStopping,
+                        GradientAccumulation, GradientClip, MixedPrecision, MixUp, ParamScheduler, ProgressBar,
+                        Recorder, ReduceLROnPlateau, Resume, SaveBest, TensorBoard, TerminateOnNaN)
 from .callbacks.checkpoint import latest_checkpoint
 from .callbacks.compile import Compile
 from .callbacks.graph import ShowGraph
@@ -25,4 +25,5 @@ __all__ = ["Learner", "Callback", "DataLoaders", "CancelBatch", "CancelStep", "C
            "MixUp", "CutMix", "SWA", "EMA", "average_checkpoints", "average_last",
            "EarlyStopping", "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN",
            "Checkpoint", "Resume", "Compile", "latest_checkpoint", "F1Score", "AUROC", "set_seed", "get_rng_state",
-           "set_rng_state", "CSVLogger", "MLflowLogger", "PredictionHistogram", "SamplePredictions", "ShowGraph"]
+           "set_rng_state", "CSVLogger", "MLflowLogger", "PredictionHistogram", "SamplePredictions", "ShowGraph",
+           "FSDP"]

@@ -107,14 +107,22 @@ def load_callback_states(callbacks: dict, saved: dict, file: str | os.PathLike) 
 def save_learner(learn, path: str | os.PathLike) -> None:
     """`learn.save`: the model's and the optimizer's state and the optimizer's class name, written atomically."""
     from .io import atomic_save
-    from .util import unwrap_model
-    atomic_save({"model": unwrap_model(learn.model).state_dict(), "opt": learn.opt.state_dict(),
-                 "opt_class": type(learn.opt).__name__}, path)
+    from .sharded import gather_model_state, gather_optimizer_state, is_sharded
+    from .util import is_main_process, unwrap_model
+    model = unwrap_model(learn.model)
+    if is_sharded(model):  # FSDP: every rank gathers (a collective), rank 0 writes the plain full file
+        state = {"model": gather_model_state(model), "opt": gather_optimizer_state(learn.opt)}
+        if not is_main_process():
+            return
+    else:
+        state = {"model": model.state_dict(), "opt": learn.opt.state_dict()}
+    atomic_save({**state, "opt_class": type(learn.opt).__name__}, path)
 
 
 def load_learner(learn, path: str | os.PathLike, with_opt: bool = True) -> None:
     """`learn.load`: everything is checked before anything changes (see the module docstring)."""
     from .io import safe_load
+    from .sharded import is_sharded, load_full_state
     from .util import unwrap_model
     state = safe_load(path, map_location=learn.device)
     if not isinstance(state, dict) or "model" not in state:
@@ -123,6 +131,9 @@ def load_learner(learn, path: str | os.PathLike, with_opt: bool = True) -> None:
     check_model_state(model, state["model"], path)
     if with_opt:
         check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), path)
+    if is_sharded(model):  # FSDP: each rank takes its chunks of the full tensors
+        load_full_state(model, state["model"], learn.opt if with_opt else None, state.get("opt"))
+        return
     model.load_state_dict(state["model"])
     if with_opt:
         learn.opt.load_state_dict(state["opt"])

@@ -9,6 +9,7 @@ from .compile import Compile
 from .distributed import (
            DistributedDataParallel,  # looplab's callback (wraps torch's class of that name)
 )
+from .fsdp import FSDP
 from .graph import ShowGraph
 from .loggers import CSVLogger, MLflowLogger
 from .mixup import CutMix, MixUp
@@ -23,5 +24,5 @@ from .tracking import EarlyStopping, ReduceLROnPlateau, SaveBest, TerminateOnNaN
 __all__ = ["ProgressBar", "Recorder", "TensorBoard", "ParamScheduler", "MixedPrecision", "GradientClip",
            "GradientAccumulation", "ActivationCheckpointing", "MixUp", "CutMix", "SWA", "EMA", "EarlyStopping",
            "SaveBest", "ReduceLROnPlateau", "TerminateOnNaN", "Checkpoint", "Resume", "DistributedDataParallel",
-           "Compile", "CSVLogger", "MLflowLogger",
+           "FSDP", "Compile", "CSVLogger", "MLflowLogger",
            "PredictionHistogram", "SamplePredictions", "ShowGraph"]

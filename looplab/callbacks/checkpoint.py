@@ -11,6 +11,10 @@ Files are `ckpt-{steps:08d}.pt` (mid-epoch, after `steps` training batches) and 
 (after epoch e); the newest is the one with the most steps, an epoch's end after its last step. Everything in them
 is plain data: they load with `torch.load(weights_only=True)`, and loading never runs code.
 
+Under FSDP (a sharded model) each write is a folder `ckpt-….dcp` instead: every rank writes its shards of the
+model, optimizer and gradients, rank 0 the plain rest, and the folder appears under its name once all finished
+(see `looplab.sharded`). It resumes on the same number of processes, exactly.
+
 Folders never lose a run:
 - Reading (`latest_checkpoint`, `Resume`) never deletes, renames or creates anything. Writes go through a
   temporary unique to the writer (`looplab.io.atomic_save`); a `Checkpoint` removes only provably stale ones.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -36,13 +41,15 @@ from ..checks import check_int, check_number
 from ..io import atomic_save, remove_stale_temporaries, safe_load
 from ..loading import check_grads, check_model_state, check_optimizer_state, load_callback_states
 from ..repro import get_rng_state, set_rng_state
+from ..sharded import check_world_size, is_sharded, load_sharded, read_sharded, remove_stale_folders, write_sharded
 from ..util import is_main_process, unwrap_model
+from .distributed import average_accumulated_grads
 from .order import Order
 
 __all__ = ["Checkpoint", "Resume", "checkpoint_files", "latest_checkpoint"]
 
 FORMAT = "looplab-checkpoint-1"
-_NAME = re.compile(r"^ckpt-(\d+)(-epoch-\d+)?\.pt$")
+_NAME = re.compile(r"^ckpt-(\d+)(-epoch-\d+)?\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder (FSDP)
 _PARTS = ("model", "opt", "grads", "callbacks", "rng", "loop", "data")  # what every checkpoint holds
 _LOOP = ("epoch", "offset", "train_iter", "n_epochs")
 
@@ -58,7 +65,19 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file()), key=_sort_key)
+    return sorted((p for p in folder.iterdir() if _is_checkpoint(p)), key=_sort_key)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a (complete: renamed once written) sharded checkpoint folder."""
+    return _NAME.match(path.name) is not None and (path.is_dir() if path.suffix == ".dcp" else path.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _distributed() -> bool:
@@ -199,7 +218,7 @@ class Checkpoint(Callback):
             if newer:
                 self._abandon(newer, loaded)
         if self._resumed_files is not None:
-            self._own = [self.dir / name for name in self._resumed_files if (self.dir / name).is_file()]
+            self._own = [self.dir / name for name in self._resumed_files if _is_checkpoint(self.dir / name)]
         else:  # written before files carried their lineage: the folder's files up to the resume point
             self._own = [p for p in checkpoint_files(self.dir)
                          if not _NAME.match(loaded.name) or _sort_key(p) <= _sort_key(loaded)]
@@ -267,6 +286,7 @@ class Checkpoint(Callback):
         if is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.dir, "ckpt-*.tmp")
+            remove_stale_folders(self.dir)
             existing = checkpoint_files(self.dir)
             if existing and self._resume is None:
                 warnings.warn(f"{str(self.dir)!r} already holds {len(existing)} checkpoint(s) of another run "
@@ -332,22 +352,29 @@ class Checkpoint(Callback):
         """Write a checkpoint: mid-epoch at `position` (see `training_state`), or after the epoch (None)."""
         learn = self.learn
         rng = _rng_states_by_rank()  # every rank takes part
+        if self._distributed:
+            average_accumulated_grads(learn.model)  # no_sync left each rank its own: make rank 0's everyone's
+        sharded = is_sharded(unwrap_model(learn.model))  # FSDP: every rank writes its shards into one folder
+        steps = learn.train_iter if position is None else position[2]
+        name = f"ckpt-{steps:08d}" if position else f"ckpt-{steps:08d}-epoch-{learn.epoch}"
+        path = self.dir / (name + (".dcp" if sharded else ".pt"))
         if not is_main_process():
+            if sharded:
+                write_sharded(training_state(learn, position, rng), path)
             return
         self._last_write = time.monotonic()  # the next timed write is due m minutes from now (rank 0 decides)
-        steps = learn.train_iter if position is None else position[2]
-        path = self.dir / (f"ckpt-{steps:08d}.pt" if position else f"ckpt-{steps:08d}-epoch-{learn.epoch}.pt")
         lineage = sorted([p for p in self._own if p != path] + [path], key=_sort_key)
         kept = lineage if self.keep_last is None else lineage[-self.keep_last:]
         previous, self._own = self._own, kept  # the file names the lineage it will have once it is complete
         try:
             state = training_state(learn, position, rng)
-            self.last_path, self._last_loop = atomic_save(state, path), state["loop"]
+            written = write_sharded(state, path) if sharded else atomic_save(state, path)
+            self.last_path, self._last_loop = written, state["loop"]
         except BaseException:
             self._own = previous
             raise
         for old in lineage[:len(lineage) - len(kept)]:  # the new file is complete: only now drop the oldest
-            old.unlink(missing_ok=True)
+            _remove(old)
 
     def _stop(self) -> None:
         self.stopped_by = signal.Signals(self._signal).name
@@ -369,12 +396,12 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"resume_from: {str(path)!r} does not exist")
-    if path.is_file():
+    if _is_checkpoint(path) or path.is_file():
         return path, _load(path)
     for _ in range(10):
         candidates = checkpoint_files(path)
         if not candidates:
-            raise FileNotFoundError(f"resume_from: no checkpoint (ckpt-*.pt) in folder {str(path)!r}")
+            raise FileNotFoundError(f"resume_from: no checkpoint (ckpt-*.pt, ckpt-*.dcp) in folder {str(path)!r}")
         for file in reversed(candidates):
             try:
                 return file, _load(file)
@@ -388,7 +415,7 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def _load(file: Path) -> dict:
-    state = safe_load(file, map_location="cpu")
+    state = read_sharded(file) if file.is_dir() else safe_load(file, map_location="cpu")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(file)!r} is not a looplab training checkpoint (written by Checkpoint)")
     missing = [part for part in _PARTS if part not in state]
@@ -417,13 +444,15 @@ class Resume(Callback):
         self.path, self.strict = Path(path), strict
         if not self.path.exists():
             raise FileNotFoundError(f"resume_from: {str(self.path)!r} does not exist")
-        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.folder = self.path if self.path.is_dir() and not _is_checkpoint(self.path) else self.path.parent
         self.loaded: Path | None = None
 
     def before_fit(self):
         learn = self.learn
         file, state = latest_checkpoint(self.path)
         model = unwrap_model(learn.model)
+        if file.is_dir():
+            check_world_size(file, state, model)
         check_model_state(model, state["model"], file)
         check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), file)
         check_grads(model, state["grads"], file)
@@ -455,11 +484,14 @@ class Resume(Callback):
             if isinstance(e, ValueError) and str(file) in str(e):
                 raise
             raise ValueError(f"{str(file)!r} does not load: {type(e).__name__}: {e}") from e
-        model.load_state_dict(state["model"])
-        learn.opt.load_state_dict(state["opt"])
-        grads = state["grads"]
-        for name, p in model.named_parameters():
-            p.grad = grads[name].to(p.device) if name in grads else None
+        if file.is_dir():  # sharded: each rank reads its chunks (a collective)
+            load_sharded(file, model, learn.opt, state)
+        else:
+            model.load_state_dict(state["model"])
+            learn.opt.load_state_dict(state["opt"])
+            grads = state["grads"]
+            for name, p in model.named_parameters():
+                p.grad = grads[name].to(p.device) if name in grads else None
         self._warn_about_callbacks(named, state["callbacks"], file)
         if loop["n_epochs"] != learn.n_epochs:
             warnings.warn(f"{str(file)!r} was written by a fit of {loop['n_epochs']} epochs; this fit has "

@@ -44,6 +44,36 @@ def scale_(grads_by_device: dict[tuple, list[torch.Tensor]], coef: torch.Tensor)
         torch._foreach_mul_(grads, coef.to(device))
 
 
+def _local(grads: list[torch.Tensor], group):
+    """FSDP's gradients are DTensors: their local shards (clipped in place), and the process group they are
+    sharded over (`group` as it was when none is)."""
+    from torch.distributed.tensor import DTensor  # imported only when gradients are not plain tensors
+    local = []
+    for g in grads:
+        if isinstance(g, DTensor):
+            if not all(placement.is_shard() for placement in g.placements):
+                raise TypeError(f"GradientClip supports sharded DTensor gradients (FSDP), got placements "
+                                f"{g.placements}")
+            local.append(g.to_local())
+            group = g.device_mesh.get_group()
+        else:
+            local.append(g)
+    return local, group
+
+
+def _sharded_norm(local_total: torch.Tensor, norm_type: float, group) -> torch.Tensor:
+    """The total norm over every rank's shards, from this rank's: the max for the inf-norm, else the p-th root of
+    the sum of the p-th powers (a collective on the shards' process group)."""
+    import torch.distributed as dist
+    if math.isinf(norm_type):
+        total = local_total.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+        return total
+    total = local_total.float() ** norm_type
+    dist.all_reduce(total, group=group)
+    return (total ** (1.0 / norm_type)).to(local_total.dtype)
+
+
 class GradientClip(Callback):
     """Scales the gradients down so their total `norm_type`-norm is at most `max_norm` (as `clip_grad_norm_`),
     or, with `clip_value`, clamps every gradient element to [-clip_value, clip_value] instead.
@@ -53,7 +83,8 @@ class GradientClip(Callback):
     the accumulated ones. Gradients that are not finite (an overflowed float16 step, which MixedPrecision will
     skip) are left untouched: the check happens on the device, without a host sync. Parameters may live on several
     devices (a model split across accelerators): the norm is torch's `get_total_norm`, and the coefficient goes to
-    each device once.
+    each device once. Under FSDP the gradients are shards: the norm is that of all shards together (one scalar
+    all-reduce per step), the norm one process would compute for the full gradients.
     """
     order = Order.CLIP
 
@@ -67,14 +98,16 @@ class GradientClip(Callback):
         self._params_by_device = group_by_device(params)  # a gradient has its parameter's device and dtype
 
     def before_step(self):
-        by_device = {}
+        by_device, sharded = {}, None
         for key, params in self._params_by_device.items():
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                by_device[key] = grads
+                by_device[key], sharded = _local(grads, sharded)
         if not by_device:
             return
         total = total_norm([g for grads in by_device.values() for g in grads], self.norm_type)
+        if sharded is not None:  # FSDP: this rank's shards only; the norm of all shards together
+            total = _sharded_norm(total, self.norm_type, sharded)
         self.learn.recorder.log("grad_norm", total)
         finite = torch.isfinite(total)
         if self.clip_value is None:
