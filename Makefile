@@ -25,6 +25,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/optim.py
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/sharding.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -136,3 +136,6 @@ def main(mode: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo may abort at interpreter exit after its group is destroyed (torch 2.13): skip that teardown

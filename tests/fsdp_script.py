@@ -2,8 +2,9 @@
 
 `python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_script.py MODE OUT`; every rank works
 in OUT/rank{r} and writes its results to OUT/{name}_rank{r}.pt. MODE: `main` (DDP with accumulation; FSDP parity,
-save and load; FSDP with clipping, accumulation and activation checkpointing; a checkpointed FSDP run), `elastic`
-(the checkpointed FSDP run, rank 1 dying at step KILL_STEP of the first attempt; the restart resumes).
+save and load; FSDP with clipping, accumulation and activation checkpointing; bfloat16 and lr_find; a
+checkpointed FSDP run), `elastic` (the checkpointed FSDP run, rank 1 dying at step KILL_STEP of the first
+attempt; the restart resumes).
 Ends with `exit_cleanly()`: gloo may abort at interpreter exit after its group is destroyed (torch 2.13).
 """
 import os
@@ -158,6 +159,18 @@ def main(mode: str, out: Path) -> None:
         learn.fit(2)
         torch.save({"weights": plain(learn.model), "grad_norm": [v for _, v in learn.recorder.series("grad_norm")]},
                    out / f"fsdp_clip_rank{rank}.pt")
+
+        # bfloat16 through FSDP2's MixedPrecisionPolicy; lr_find under FSDP puts the weights back
+        torch.manual_seed(100)
+        learn = Learner(make_model(), make_data(32), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2,
+                        progress=False, cbs=[FSDP(modules=nn.Linear, mixed_precision=torch.bfloat16)])
+        before = plain(learn.model)
+        found = learn.lr_find(num_it=8)
+        after_lr_find = plain(learn.model)
+        learn.fit(1)
+        torch.save({"before": before, "after_lr_find": after_lr_find, "lr_find_losses": found.losses,
+                    "weights": plain(learn.model), "valid": learn.recorder.last_validation},
+                   out / f"fsdp_bf16_rank{rank}.pt")
 
         learn, _ = checkpointed_run(out, rank)
         torch.save({"weights": plain(learn.model)}, out / f"ckpt_run_rank{rank}.pt")

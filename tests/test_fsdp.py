@@ -122,6 +122,17 @@ def test_gradient_clip_under_fsdp_clips_by_the_global_norm_of_one_process(main_r
         assert_weights(result["weights"], ref.model.state_dict(), f"rank {rank}")
 
 
+def test_bfloat16_policy_and_lr_find_under_fsdp(main_run):
+    results = [load(main_run / f"fsdp_bf16_rank{rank}.pt") for rank in (0, 1)]
+    assert results[0]["lr_find_losses"] == results[1]["lr_find_losses"]  # the global loss: ranks stop together
+    ref = reference(64, 1)  # float32: bfloat16 compute lands near it, and the weights handed back are float32
+    for result in results:
+        assert all(torch.equal(result["after_lr_find"][k], v) for k, v in result["before"].items())  # undone
+        assert all(w.dtype == torch.float32 for w in result["weights"].values())
+        assert result["valid"]["valid_loss"] == pytest.approx(ref.recorder.last_validation["valid_loss"], abs=0.05)
+        assert not all(torch.equal(result["weights"][k], v) for k, v in result["before"].items())  # it trained
+
+
 def test_sharded_checkpoints_are_folders_of_shards_and_plain_data(main_run):
     folders = sorted((main_run / "ckpt").iterdir())
     assert [f.name for f in folders] == ["ckpt-00000010.dcp", "ckpt-00000012-epoch-2.dcp", "ckpt-00000012.dcp"]
@@ -155,3 +166,19 @@ def test_ema_is_refused_at_the_start_of_the_fit(monkeypatch):
     learn = Learner(nn.Linear(2, 1), make_data(16), F.mse_loss, progress=False, cbs=[FSDP(), EMA()])
     with pytest.raises(ValueError, match="FSDP cannot run with EMA"):
         learn.fit(1)
+
+
+def test_resuming_on_another_number_of_processes_is_a_clear_error(main_run):
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        learn = Learner(make_model(0.3), make_data(32), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2,
+                        progress=False, cbs=[FSDP(modules=nn.Linear)])
+        with pytest.warns(UserWarning, match="parameters are NaN"), \
+                pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
+            learn.fit(3, resume_from=main_run / "ckpt")
+        # nothing could be gathered after a failure; the shapes are back, so a plain checkpoint loads
+        assert type(learn.model) is nn.Sequential and all(p.isnan().all() for p in learn.model.parameters())
+        learn.load(main_run / "fsdp_saved.pt")
+        assert_weights(dict(learn.model.state_dict()), load(main_run / "fsdp_saved.pt")["model"], "loaded")
+    finally:
+        torch.distributed.destroy_process_group()

@@ -8,6 +8,8 @@ validation values on every rank.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Callable
 
 import torch
@@ -39,7 +41,8 @@ class FSDP(DistributedDataParallel):
       After the fit the full weights and optimizer state are gathered back into the user's module and optimizer
       on every rank (to the CPU with `cpu_offload`): `learn.model` / `learn.opt` are the very objects the user had.
       When the fit raised, nothing can be gathered (the other ranks may be gone): the user's module is given back
-      with empty parameters and optimizer state; load a checkpoint (`learn.load`, `resume_from`) before using it.
+      with NaN parameters of the right shapes and the optimizer without state (with a warning); load a checkpoint
+      (`learn.load`, `resume_from`) before using them.
     - `Checkpoint` writes sharded checkpoint folders (see `looplab.sharded`); `learn.save` is collective (every rank
       calls it, rank 0 writes the plain full file) and `learn.load` of a plain file shards it.
     - `GradientClip` clips by the global norm over all shards. `EMA` and `SWA` are refused: their average would be
@@ -70,6 +73,7 @@ class FSDP(DistributedDataParallel):
         self.mixed_precision, self.cpu_offload = mixed_precision, bool(cpu_offload)
         self.n_sharded = 0  # fully_shard units of the last fit, the root included
         self._twin = self._users_opt = None
+        self._shapes: list = []  # the user's parameters and their shapes, emptied for the fit
 
     def claim(self) -> int:
         return 2  # over any DistributedDataParallel callback
@@ -130,6 +134,7 @@ class FSDP(DistributedDataParallel):
         if saved["state"]:  # a later fit: the moments it already has, each rank its chunks
             opt.load_state_dict(shard_optimizer_state(saved, opt))
         users_opt.state.clear()  # the full-size state and weights are the shards' now: free them for the fit
+        self._shapes = [(p, p.shape) for p in model.parameters()]
         for p in model.parameters():
             p.data, p.grad = torch.empty(0, dtype=p.dtype, device=p.device), None
         self._twin, self._users_opt = twin, users_opt
@@ -154,4 +159,12 @@ class FSDP(DistributedDataParallel):
                         if name in full:
                             b.copy_(full[name])
                 learn.opt.load_state_dict(opt_state)
+            else:  # the shards cannot be gathered: full-size parameters that say so, ready for learn.load
+                for p, shape in self._shapes:
+                    p.data = torch.full(shape, math.nan if p.is_floating_point() else 0, dtype=p.dtype,
+                                        device=p.device)
+                warnings.warn("FSDP: the fit raised before the sharded weights could be gathered: the model's "
+                              "parameters are NaN and its optimizer has no state until a checkpoint is loaded "
+                              "(learn.load, or fit(..., resume_from=...))", stacklevel=2)
+            self._shapes = []
         learn.model = model

@@ -6,7 +6,9 @@ recording, and after the schedule set this step's hyper-parameters only if it as
 
     position          order  why there
     DISTRIBUTED        -100  before_fit: the process group and device exist before anyone asks is_main_process()
-                             or learn.device; after_loss: the global loss before the Recorder records it
+                             or learn.device; after_loss: the global loss before the Recorder records it.
+                             FSDP too: it shards the model and rebuilds learn.opt before anyone (GradientClip,
+                             EMA's step hook, Resume) takes hold of them
     COMPILE             -90  compiles the model after DDP wrapped it, before anything calls it
     ACTIVATION_CKPT       0  wraps submodules in before_fit, before EMA (10) copies the model
     SCHEDULE             10  sets this batch's hyper-parameters before anything reads them
