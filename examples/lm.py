@@ -5,9 +5,9 @@ download), split by file: every tenth file is held out. The model is plain torch
 pre-LN blocks of causal self-attention and an MLP, a head tied to the embedding unless `--untied`), trained with
 AdamW, a linear warmup then cosine decay over exactly the fit's steps (`fit_warmup_cos(steps=, warmup_steps=)`),
 gradient clipping, validation on the held-out windows every `--valid-every` steps (`fit(..., valid_every=K)`; by
-default about four times in the run, and at its end), a checkpoint every few minutes of wall-clock time (and at
-the last step), and TensorBoard logs (`train_loss` every step; `valid_loss` in nats and `bits_per_byte` at each
-validation's step). At the end it prints the held-out bits per byte of the last weights (the fit's last
+default four times: every ceil(steps / 4) steps, the last at the end), a checkpoint every few minutes of
+wall-clock time (and at the last step), and TensorBoard logs (`train_loss` every step; `valid_loss` in nats and
+`bits_per_byte` at each validation's step). At the end it prints the held-out bits per byte of the last weights (the fit's last
 validation) and of the average of the last `--average` checkpoints (`average_last`), next to gzip -9 and xz -9e on
 the whole held-out text. The model reads non-overlapping windows of `--ctx` bytes; by default it is evaluated on
 128 KiB of them spread evenly over the held-out text (an estimate, cheap on a CPU); `--valid-bytes 0` evaluates
@@ -213,8 +213,9 @@ def nats_to_bits(nats: float) -> float:
 
 
 def default_valid_every(steps: int) -> int:
-    """About four validations in a fit of `steps` (at K, 2K, 3K, 4K, and at the end if it is not one of them)."""
-    return max(1, steps // 4)
+    """Four validations in a fit of `steps` (at most): at K, 2K, 3K and the last step, K = ceil(steps / 4); K =
+    steps // 4 would add a fifth a few steps after the fourth when 4 does not divide `steps`."""
+    return max(1, -(-steps // 4))
 
 
 def main() -> None:
@@ -237,7 +238,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.1, help="warmup, a fraction of the steps")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping, max global norm")
     parser.add_argument("--valid-every", type=int, default=None,
-                        help="validate every K training steps, and at the end (default: steps // 4, so 4-5 "
+                        help="validate every K training steps, and at the end (default: ceil(steps / 4), so 4 "
                              "validations)")
     parser.add_argument("--average", type=int, default=3, help="average the last N checkpoints")
     parser.add_argument("--checkpoints", type=int, default=10,
@@ -289,10 +290,10 @@ def main() -> None:
     else:
         # the rest of the budget, less the final evaluation of the averaged weights and a margin for the loop,
         # checkpoints, plots, shared by the steps and the validations during the fit (each an eval_s): with
-        # K = valid_every, steps·step + (steps / K + 1)·eval_s = budget; by default steps // 4 = K: 5 at most
+        # K = valid_every, steps·step + (steps / K + 1)·eval_s = budget; by default 4 of them
         budget_s = 60 * minutes - (time.monotonic() - t0) - eval_s - 5
         if args.valid_every is None:
-            steps = int((budget_s - 5 * eval_s) / step_s)
+            steps = int((budget_s - 4 * eval_s) / step_s)
         else:
             steps = int((budget_s - eval_s) / (step_s + eval_s / args.valid_every))
         steps = max(steps, 10)

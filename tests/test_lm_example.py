@@ -1,4 +1,4 @@
-"""examples/lm.py on a tiny budget: it trains, its loss falls, it validates every K steps (by default steps // 4),
+"""examples/lm.py on a tiny budget: it trains, its loss falls, it validates every K steps (by default ceil(steps / 4)),
 and it prints bits per byte next to gzip and xz."""
 import math
 import os
@@ -25,7 +25,7 @@ def test_lm_example_trains_and_prints_bits_per_byte(tmp_path):
                                        text).groups())
     assert last < first - 0.5, text  # from ~ln 256 = 5.5 nats towards the byte statistics of Python source
     assert re.search(rf"steps: {STEPS} in ", text), text
-    # valid_every defaults to steps // 4: validations after steps 10, 20, 30 and 40 (the end), in bits per byte
+    # valid_every defaults to ceil(steps / 4): validations after steps 10, 20, 30 and 40 (the end), in bits per byte
     rows = re.search(r"^validations \(bits per byte\): (.*)$", text, re.MULTILINE).group(1)
     valid = [(int(i), float(v)) for i, v in re.findall(r"step (\d+): train [\d.]+ valid ([\d.]+)", rows)]
     assert [i for i, _ in valid] == [10, 20, 30, 40], text
