@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any, Callable
 
 __all__ = ["Callback", "EVENTS", "LEVEL_EVENTS", "CancelBatch", "CancelStep", "CancelTrain", "CancelValidate",
-           "CancelEpoch", "CancelFit", "CancelBackward", "check_callback", "build_table"]
+           "CancelEpoch", "CancelFit", "CancelBackward", "build_table"]
 
 
 class CancelFit(Exception):
@@ -75,18 +75,6 @@ class Callback:
 
     def __repr__(self) -> str:
         return self.name
-
-
-def check_callback(cb: Any, attached: list = ()) -> None:
-    """Reject a class, a callback already `attached`, or a method that looks like an event but is not one."""
-    if isinstance(cb, type):
-        raise TypeError(f"expected a callback instance, got the class {cb.__name__}; did you mean {cb.__name__}()?")
-    if any(c is cb for c in attached):
-        raise ValueError(f"{cb!r} is attached already (given twice: to the Learner and to fit?); a callback runs once")
-    for attr in dir(type(cb)):
-        if attr.startswith(("before_", "after_")) and attr not in _EVENT_SET and callable(getattr(cb, attr)):
-            raise ValueError(f"{type(cb).__name__}.{attr} looks like an event handler but is not an event; "
-                             f"known events: {', '.join(EVENTS)}")
 
 
 def _handler(method, learn) -> Callable[[], Any]:

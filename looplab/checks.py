@@ -7,10 +7,13 @@ numbers; NaN and infinities are refused unless `finite=False`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+from .callback import _EVENT_SET, EVENTS
+
 __all__ = ["check_int", "check_number", "check_lr", "check_learner", "check_fit", "check_phase_loader",
-           "no_batches", "bad_loss", "no_grad_loss"]
+           "no_batches", "bad_loss", "no_grad_loss", "check_callback"]
 
 
 def _is_number(value: Any) -> bool:
@@ -18,13 +21,13 @@ def _is_number(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, low: int | None = None, none_ok: bool = False) -> int | None:
-    """An int (not a bool) >= `low`; None passes when `none_ok`."""
+    """An int (not a bool; a numpy integer is fine) >= `low`, returned as an int; None passes when `none_ok`."""
     if value is None and none_ok:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
         what = "a positive int" if low == 1 else f"an int >= {low}" if low is not None else "an int"
         raise ValueError(f"{name} must be {what}{' or None' if none_ok else ''}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -58,7 +61,8 @@ def check_lr(lr: Any, name: str = "lr") -> float | slice:
 def check_fit(n_epochs: Any, steps: Any, lr: Any, dls, model, valid_every: Any = None
               ) -> tuple[int | None, int | None]:
     """What `fit` needs before it starts: epochs or steps (exactly one), an lr (or None), non-empty loaders,
-    something to train, a `valid_every` (None, or a positive int with validation data). Returns `(n_epochs, n_steps)`, each None where an unsized training loader leaves it open."""
+    something to train, a `valid_every` (None, or a positive int with validation data). Returns `(n_epochs,
+    n_steps)`, each None where an unsized training loader leaves it open."""
     if (n_epochs is None) == (steps is None):
         raise ValueError(f"give exactly one of n_epochs and steps, got n_epochs={n_epochs!r}, steps={steps!r}")
     n_batches = len(dls.train) if hasattr(dls.train, "__len__") else None
@@ -126,3 +130,15 @@ def check_phase_loader(dl):
     if hasattr(dl, "__len__") and len(dl) == 0:
         raise ValueError(f"dl is empty: {type(dl).__name__} of length 0 yields no batches")
     return dl
+
+
+def check_callback(cb: Any, attached: list = ()) -> None:
+    """Reject a class, a callback already `attached`, or a method that looks like an event but is not one."""
+    if isinstance(cb, type):
+        raise TypeError(f"expected a callback instance, got the class {cb.__name__}; did you mean {cb.__name__}()?")
+    if any(c is cb for c in attached):
+        raise ValueError(f"{cb!r} is attached already (given twice: to the Learner and to fit?); a callback runs once")
+    for attr in dir(type(cb)):
+        if attr.startswith(("before_", "after_")) and attr not in _EVENT_SET and callable(getattr(cb, attr)):
+            raise ValueError(f"{type(cb).__name__}.{attr} looks like an event handler but is not an event; "
+                             f"known events: {', '.join(EVENTS)}")

@@ -12,11 +12,11 @@ import torch
 from fastcore.basics import listify
 from torch import nn
 
-from .callback import LEVEL_EVENTS, Callback, CancelFit, build_table, check_callback
+from .callback import LEVEL_EVENTS, Callback, CancelEpoch, CancelFit, CancelTrain, build_table
 from .callbacks.gather import GatherPreds
 from .callbacks.progress import ProgressBar
 from .callbacks.recorder import Recorder
-from .checks import bad_loss, check_fit, check_learner, check_phase_loader, no_batches, no_grad_loss
+from .checks import bad_loss, check_callback, check_fit, check_learner, check_phase_loader, no_batches, no_grad_loss
 from .data import DataLoaders
 from .loading import load_learner, save_learner
 from .metrics import check_metrics
@@ -39,7 +39,7 @@ class Learner(FeatureMethods):
 
     | name         | what                                                                                  |
     |--------------|---------------------------------------------------------------------------------------|
-    | model ✎      | the module being trained (a DDP / compiled wrapper of it during such a fit)            |
+    | model ✎      | the module being trained (a DDP / FSDP / compiled form of it during such a fit)        |
     | opt ✎        | the optimizer, built once by `opt_func(param_groups, lr=lr)`                           |
     | loss_func ✎  | `loss_func(pred, yb) -> scalar tensor`; None: the model output's own `loss`            |
     | dls          | the DataLoaders; `dl` ✎ is the loader of the current phase                             |
@@ -55,6 +55,7 @@ class Learner(FeatureMethods):
     | n_iter       | batches in the current phase (None for loaders without a length)                       |
     | train_iter ✎ | 0-based index of the current training batch over the whole fit (batches done, between) |
     | valid_every  | validate after every `valid_every`-th training batch of the fit; None: after each epoch |
+    |              | (None also while a `validate()` / `get_preds()` runs inside a fit: not the fit's own)  |
     | device       | the device of the model's parameters; batches are moved there                          |
     | recorder     | the Recorder (always on)                                                               |
     | exception    | in `after_fit`: the exception ending the fit (None when it ran out or was cancelled)   |
@@ -193,20 +194,20 @@ class Learner(FeatureMethods):
             self._with_phase(self.dls.valid, False, "validate")
 
     def _valid_due(self, epoch_end: bool) -> bool:
-        """Validate now? At each epoch's end; with `valid_every`, after a K-th batch and at the end of a fit that ran
-        all its batches, unless no training batch ran since the last validation."""
+        """Validate now? At each epoch's end; with `valid_every`, after a K-th batch and at the end of the fit's last
+        epoch, unless no training batch ran since the last validation (then marked as done)."""
         every, done = self.valid_every, self.train_iter
         if every is None or done == self._valid_at:
             return every is None and epoch_end
-        ran_all = done == self.n_steps if self.n_steps is not None else self.epoch + 1 == self.n_epochs
-        return done % every == 0 or (epoch_end and ran_all)
+        last = self.epoch + 1 == self.n_epochs if self.n_epochs is not None else done == self._last_step
+        due = done % every == 0 or (epoch_end and last)
+        self._valid_at = done if due else self._valid_at
+        return due
 
     def _with_phase(self, dl, training: bool, level: str) -> None:
         """Set the phase's state (so `before_train` / `before_validate` see it), then run it with its events."""
         self.dl, self.training, self.iter = dl, training, getattr(dl, "offset", 0)
         self.n_iter = len(dl) if hasattr(dl, "__len__") else None
-        if not training:
-            self._valid_at = self.train_iter
         self._with_events(self._run_batches, level)
 
     def _run_batches(self) -> None:
@@ -217,14 +218,18 @@ class Learner(FeatureMethods):
         with torch.set_grad_enabled(training):
             for self.iter, batch in enumerate(dl, start):
                 self.xb, self.yb = batch_on(batch, device)
-                self._with_events(self._do_batch, "batch")
+                try:
+                    self._with_events(self._do_batch, "batch")
+                except (CancelTrain, CancelEpoch, CancelFit):  # a batch the loader yielded counts, however it ended
+                    self.train_iter += training
+                    raise
                 n_batches += 1
                 if training:
                     self.train_iter += 1
                     if self.train_iter == self._last_step:
                         break
                     if self.valid_every and self.iter + 1 != self.n_iter and self._valid_due(epoch_end=False):
-                        self._run_phase(None)  # mid-epoch (an epoch's last batch validates in the epoch's slot)
+                        self._run_phase(None, scheduled=True)  # mid-epoch (an epoch's last batch: in its slot)
                         self.model.train()
         if n_batches:
             self._yielded.add(id(dl))
@@ -256,12 +261,14 @@ class Learner(FeatureMethods):
     def _do_step(self) -> None:
         self.opt.step()
 
-    def _run_phase(self, dl, cbs: Iterable[Callback] = ()) -> None:
-        """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit."""
+    def _run_phase(self, dl, cbs: Iterable[Callback] = (), scheduled: bool = False) -> None:
+        """Run one validation phase over `dl` (with the callbacks' events), outside or inside a fit. Unless it is the
+        fit's own (`scheduled`), `valid_every` is None meanwhile: a `validate()` in a fit writes no history row."""
         cbs, dl = listify(cbs), check_phase_loader(self.dls.valid if dl is None else dl)
-        saved = {k: getattr(self, k, None) for k in ("model", "dl", "training", "iter", "n_iter")}
+        saved = {k: getattr(self, k, None) for k in ("model", "dl", "training", "iter", "n_iter", "valid_every")}
         self.add_cbs(cbs)
         try:
+            self.valid_every = saved["valid_every"] if scheduled else None
             self._with_phase(dl, False, "validate")
         finally:
             self.remove_cbs(cbs)

@@ -122,7 +122,7 @@ class PruneTrial(Callback):
 
     def __init__(self, trial, metric: str):
         self.trial, self.metric = trial, metric
-        self.pruned, self.n_rows = False, 0
+        self.pruned, self.n_rows, self.in_train = False, 0, False
 
     def before_fit(self):
         self.pruned, self.n_rows = False, 0
@@ -141,8 +141,15 @@ class PruneTrial(Callback):
             self.pruned = True
             raise CancelFit()
 
+    def before_train(self):
+        self.in_train = True
+
+    def after_train(self):
+        self.in_train = False
+
     def after_validate(self):
-        self._report()  # a row of a validation (`valid_every`: mid-epoch too)
+        if self.in_train:  # a row of a mid-epoch validation (`valid_every`); in the epoch's slot: after_epoch
+            self._report()
 
     def after_epoch(self):
         self._report()

@@ -79,7 +79,7 @@ def test_sigterm_saves_stops_cleanly_and_resumes_bit_identical(tmp_path, referen
     stdout, stderr = run(tmp_path, out, "--ckpt", ckpt, "--sigterm-at", 10)
     assert "SIGTERM: stopped after 10 steps" in stdout and str(ckpt / "ckpt-00000010.pt") in stdout
     assert "Traceback" not in stderr
-    assert torch.load(out, weights_only=True)["train_iter"] == 9  # the fit returned there (index of step 10)
+    assert torch.load(out, weights_only=True)["train_iter"] == 10  # the fit returned there: 10 batches done
     run(tmp_path, out, "--ckpt", ckpt, "--resume")
     assert_same_run(out, reference)
 
@@ -297,7 +297,7 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, caps
     ckpt = Checkpoint(tmp_path)
     learn = make_learner([ckpt, Interrupt()])
     learn.fit(2)
-    assert ckpt.stopped_by == "SIGINT" and learn.train_iter == 2
+    assert ckpt.stopped_by == "SIGINT" and learn.train_iter == 3  # training batches done
     assert "SIGINT: stopped after 3 steps" in capsys.readouterr().out
     assert checkpoint_files(tmp_path)[-1].name == "ckpt-00000003.pt"
 

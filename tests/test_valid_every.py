@@ -343,3 +343,56 @@ def test_a_sweep_pruner_acts_on_a_mid_epoch_row():
     learn.fit(steps=30, valid_every=5)
     assert prune.pruned and len(learn.recorder.losses) == 5  # stopped right after the validation after batch 5
     assert list(study.trials[0].intermediate_values) == [5]
+
+
+def test_early_stopping_at_an_epochs_last_validation_keeps_the_checkpoint_due_there(tmp_path):
+    learn = learner(cbs=[EarlyStopping(patience=2), Checkpoint(tmp_path, every_n_steps=10, every_epoch=False,
+                                                                keep_last=None)], lr=1e-12)
+    learn.fit(steps=100, valid_every=10)  # rows at 10, 20, 30 (epoch ends): no improvement after the first
+    assert [r["train_iter"] for r in learn.recorder.history] == [10, 20, 30]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-00000030-epoch-2.pt"
+    state = torch.load(tmp_path / "ckpt-00000030-epoch-2.pt", weights_only=True)
+    assert len(state["callbacks"]["Recorder_0"]["history"]) == 3  # it holds the stopping row
+
+
+def test_epochs_cut_short_still_validate_at_the_end_of_the_fit():
+    class ShortEpoch(Callback):  # fastai-style: train 6 batches of each 10-batch epoch
+        def after_batch(self):
+            if self.learn.training and self.learn.iter == 5:
+                from looplab import CancelTrain
+                raise CancelTrain()
+
+    learn = learner(cbs=[ShortEpoch()])
+    learn.fit(3, valid_every=4)
+    assert learn.train_iter == len(learn.recorder.losses) == 18  # batches done, the cancelling ones too
+    assert [r["train_iter"] for r in learn.recorder.history] == [4, 8, 12, 16, 18]
+    assert learn.recorder.history[-1]["epoch"] == 2
+
+
+def test_a_validate_or_get_preds_inside_a_fit_adds_no_row():
+    class Peek(Callback):
+        def after_epoch(self):
+            self.learn.get_preds()
+            self.learn.validate()
+
+    stopper = EarlyStopping(patience=50)
+    learn = learner(cbs=[Peek(), stopper])
+    learn.fit(3, valid_every=7)
+    assert [r["train_iter"] for r in learn.recorder.history] == [7, 14, 21, 28, 30]
+    _, points = hand_run(30, at=(7, 14, 21, 28, 30))
+    assert [r["train_loss"] for r in learn.recorder.history] == pytest.approx([p[1] for p in points.values()])
+    assert stopper.n_rows == 5
+
+
+def test_valid_every_takes_a_numpy_integer():
+    import numpy as np
+    learn = learner()
+    learn.fit(steps=10, valid_every=np.int64(5))
+    assert [r["train_iter"] for r in learn.recorder.history] == [5, 10]
+
+
+def test_resuming_with_another_valid_every_warns(tmp_path):
+    learn = learner(cbs=[Checkpoint(tmp_path, every_n_steps=5)])
+    learn.fit(steps=10, valid_every=5)
+    with pytest.warns(UserWarning, match="valid_every=5; this fit has valid_every=2"):
+        learner().fit(steps=10, valid_every=2, resume_from=tmp_path)

@@ -147,7 +147,7 @@ def training_state(learn, position: tuple[int, int, int] | None, rng: list[dict]
         "callbacks": {name: cb.state_dict() for name, cb in _named_callbacks(learn.cbs).items()},
         "rng": rng,
         "loop": {"epoch": epoch, "offset": offset, "train_iter": train_iter, "n_epochs": learn.n_epochs,
-                 "n_steps": learn.n_steps, **_data_shape(learn.dls.train)},
+                 "n_steps": learn.n_steps, "valid_every": learn.valid_every, **_data_shape(learn.dls.train)},
         "data": data,
     }
 
@@ -496,6 +496,9 @@ class Resume(Callback):
         if loop["n_epochs"] != learn.n_epochs:
             warnings.warn(f"{str(file)!r} was written by a fit of {loop['n_epochs']} epochs; this fit has "
                           f"{learn.n_epochs}: schedules that depend on the length will not match")
+        if loop.get("valid_every", learn.valid_every) != learn.valid_every:
+            warnings.warn(f"{str(file)!r} was written by a fit with valid_every={loop['valid_every']}; this fit has "
+                          f"valid_every={learn.valid_every}: its history rows will not continue the same way")
         learn.epoch, learn.train_iter = loop["epoch"], loop["train_iter"]
         self.loaded = file
 

@@ -158,7 +158,8 @@ class _Tracker(Callback):
             else:
                 better = value > self.best + self.min_delta
             if better:
-                self.best, self.best_epoch, self.best_iter, self.wait = value, row.get("epoch"), row.get("train_iter"), 0
+                self.best, self.best_epoch, self.best_iter = value, row.get("epoch"), row.get("train_iter")
+                self.wait = 0
             else:
                 self.wait += 1
         self.n_rows = max(self.n_rows, len(history))
@@ -193,12 +194,23 @@ class EarlyStopping(_Tracker):
         super().__init__(monitor, mode, min_delta)
         self.stopped_epoch: int | None = None
         self.stopped_iter: int | None = None
+        self.in_train = False  # in an epoch's training phase (a validation then is mid-epoch)
 
     def before_epoch(self):
         if self.wait >= self.patience:  # resumed from the checkpoint of the row this run stopped after
             raise CancelFit(f"early stopping: {self.monitor} has not improved for {self.wait} validations")
 
+    def before_train(self):
+        self.in_train = True
+
+    def after_train(self):
+        self.in_train = False
+
     def after_validate(self):
+        if self.in_train:  # mid-epoch (`valid_every`); a validation in the epoch's slot is decided in after_epoch,
+            self.after_epoch()  # after the epoch's checkpoint
+
+    def after_epoch(self):
         self._sync()
         if self.wait >= self.patience and self.fitting:
             learn = self.learn
@@ -209,8 +221,6 @@ class EarlyStopping(_Tracker):
                       f"{self.best_epoch}, step {self.best_iter}); stopped after epoch {learn.epoch}, step "
                       f"{learn.train_iter}")
             raise CancelFit(f"early stopping after epoch {learn.epoch}, step {learn.train_iter}")
-
-    after_epoch = after_validate
 
 
 class SaveBest(_Tracker):
@@ -230,7 +240,8 @@ class SaveBest(_Tracker):
 
 
 class ReduceLROnPlateau(_Tracker):
-    """Divide every group's lr by `factor` (not below `min_lr`) once `monitor` has not improved for `patience` epochs.
+    """Divide every group's lr by `factor` (not below `min_lr`) once `monitor` has not improved for `patience` rows
+    (epochs, or validations with `valid_every`).
 
     Counting as EarlyStopping does (act on the `patience`-th epoch without improvement, then count afresh), so
     torch's `ReduceLROnPlateau(patience=p, factor=1/f, threshold_mode="abs")` is ours with `patience=p+1,
