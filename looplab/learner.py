@@ -213,6 +213,8 @@ class Learner(FeatureMethods):
     def _run_batches(self) -> None:
         dl, device, training = self.dl, self.device, self.training
         self.model.train(training)
+        if training and self.train_iter == self._last_step:  # resumed where a fit by steps ended: no more batches
+            return
         start = getattr(dl, "offset", 0)
         n_batches = 0
         with torch.set_grad_enabled(training):

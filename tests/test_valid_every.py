@@ -396,3 +396,16 @@ def test_resuming_with_another_valid_every_warns(tmp_path):
     learn.fit(steps=10, valid_every=5)
     with pytest.warns(UserWarning, match="valid_every=5; this fit has valid_every=2"):
         learner().fit(steps=10, valid_every=2, resume_from=tmp_path)
+
+
+@pytest.mark.parametrize("valid_every", [None, 5])
+def test_resuming_from_the_last_step_of_a_fit_by_steps_trains_no_more(tmp_path, valid_every):
+    ref = resumable(tmp_path, [Checkpoint(tmp_path, every_n_steps=15, every_epoch=False)])
+    ref.fit(steps=15, valid_every=valid_every)  # epochs of 10 batches: it ends mid-epoch
+    resumed = resumable(tmp_path)
+    resumed.fit(steps=15, valid_every=valid_every, resume_from=tmp_path)
+    assert resumed.train_iter == len(resumed.recorder.losses) == 15
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in ref.recorder.history]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in resumed.recorder.history] == strip
+    for p, q in zip(resumed.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)

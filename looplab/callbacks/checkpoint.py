@@ -171,7 +171,8 @@ class Checkpoint(Callback):
     Every such file is an exact-resume point. Seed 003's recipe (average the last checkpoints of a long run) is
     `Checkpoint(dir, every_n_minutes=30, keep_last=10)`, then `looplab.average_last(dir, 10, model)`.
     With `fit(..., valid_every=K)`, a checkpoint due after a batch that a validation follows is written after that
-    validation and holds its history row, so resuming from it goes on training without validating again.
+    validation and holds its history row, so resuming from it goes on training without validating again; when that
+    batch ends an epoch (or a fit by steps), the file is that epoch's end (`ckpt-…-epoch-e.pt`).
     Resume with `learn.fit(..., resume_from=dir)`; use one folder per fit.
     """
     TIME_SYNC_STEPS = 16
