@@ -49,8 +49,10 @@ class Learner(FeatureMethods):
     | loss ✎       | the scalar tensor that will be back-propagated (replace it in `after_loss`)            |
     | training     | True in the training phase, False in validation                                        |
     | epoch ✎      | 0-based epoch; a callback may set it in `before_fit` to start later (resume)          |
-    | n_epochs     | epochs in this fit (`ceil(steps / len(train))` for a fit by steps; None if unsized)   |
-    | n_steps      | training batches this fit runs: `n_epochs * len(train)`, or `steps`                    |
+    | n_epochs ✎   | epochs in this fit (`ceil(steps / len(train))` for a fit by steps; None if unsized)   |
+    | n_steps ✎    | training batches this fit runs: `n_epochs * len(train)`, or `steps` (a callback that   |
+    |              | reshapes the training loader in `before_fit`, as DDP's sharding does, updates both)    |
+    | steps        | the fit's `steps=`: it stops after that many training batches; None: a fit by epochs  |
     | iter         | batch index in the current phase of the epoch                                          |
     | n_iter       | batches in the current phase (None for loaders without a length)                       |
     | train_iter ✎ | 0-based index of the current training batch over the whole fit (batches done, between) |
@@ -64,7 +66,7 @@ class Learner(FeatureMethods):
     then starts from there. `LOOP_STATE` names the per-fit entries of this table (what `lr_find` puts back).
     """
     LOOP_STATE = ("model", "opt", "loss_func", "dl", "xb", "yb", "pred", "loss", "training", "epoch", "n_epochs",
-                  "n_steps", "iter", "n_iter", "train_iter", "valid_every", "exception")
+                  "n_steps", "steps", "iter", "n_iter", "train_iter", "valid_every", "exception")
 
     def __init__(self, model: nn.Module, data: DataLoaders | tuple, loss_func: Callable | None = None,
                  opt_func: Callable = torch.optim.AdamW, lr: float | slice = 1e-3,
@@ -75,7 +77,7 @@ class Learner(FeatureMethods):
         self.metrics, self.splitter = check_metrics(metrics), splitter
         self.opt = opt_func(param_groups(model, splitter, lr), lr=lr.stop if isinstance(lr, slice) else lr)
         self.training, self.epoch, self.n_epochs, self.n_steps, self.iter, self.n_iter = False, 0, 0, 0, 0, None
-        self.train_iter, self.exception, self._last_step, self.valid_every, self._valid_at = 0, None, None, None, 0
+        self.train_iter, self.exception, self.steps, self.valid_every, self._valid_at = 0, None, None, None, 0
         self._yielded: set[int] = set()  # ids of the loaders that have yielded batches (to spot one-shot iterators)
         self.cbs: list[Callback] = []
         self._table: dict = build_table(self.cbs, self)
@@ -160,7 +162,7 @@ class Learner(FeatureMethods):
         self.add_cbs(cbs)
         try:
             set_group_lrs(self.opt, self.lr if lr is None else lr)
-            self.n_epochs, self.n_steps, self._last_step, self.epoch, self.train_iter = n_epochs, n_steps, steps, 0, 0
+            self.n_epochs, self.n_steps, self.steps, self.epoch, self.train_iter = n_epochs, n_steps, steps, 0, 0
             self.valid_every = valid_every
             self._run_fit()
         finally:
@@ -184,7 +186,7 @@ class Learner(FeatureMethods):
 
     def _do_fit(self) -> None:
         self._valid_at = self.train_iter  # after before_fit (Resume): a resumed fit does not validate its start again
-        while self.epoch < self.n_epochs if self.n_epochs is not None else self.train_iter < self._last_step:
+        while self.epoch < self.n_epochs if self.n_epochs is not None else self.train_iter < self.steps:
             self._with_events(self._do_epoch, "epoch")
             self.epoch += 1
 
@@ -199,7 +201,7 @@ class Learner(FeatureMethods):
         every, done = self.valid_every, self.train_iter
         if every is None or done == self._valid_at:
             return every is None and epoch_end
-        last = self.epoch + 1 == self.n_epochs if self.n_epochs is not None else done == self._last_step
+        last = self.epoch + 1 == self.n_epochs if self.n_epochs is not None else done == self.steps
         due = done % every == 0 or (epoch_end and last)
         self._valid_at = done if due else self._valid_at
         return due
@@ -213,7 +215,7 @@ class Learner(FeatureMethods):
     def _run_batches(self) -> None:
         dl, device, training = self.dl, self.device, self.training
         self.model.train(training)
-        if training and self.train_iter == self._last_step:  # resumed where a fit by steps ended: no more batches
+        if training and self.train_iter == self.steps:  # resumed where a fit by steps ended: no more batches
             return
         start = getattr(dl, "offset", 0)
         n_batches = 0
@@ -228,7 +230,7 @@ class Learner(FeatureMethods):
                 n_batches += 1
                 if training:
                     self.train_iter += 1
-                    if self.train_iter == self._last_step:
+                    if self.train_iter == self.steps:
                         break
                     if self.valid_every and self.iter + 1 != self.n_iter and self._valid_due(epoch_end=False):
                         self._run_phase(None, scheduled=True)  # mid-epoch (an epoch's last batch: in its slot)

@@ -124,14 +124,16 @@ def load_learner(learn, path: str | os.PathLike, with_opt: bool = True) -> None:
     from .io import safe_load
     from .sharded import is_sharded, load_full_state
     from .util import unwrap_model
-    state = safe_load(path, map_location=learn.device)
+    model = unwrap_model(learn.model)
+    sharded = is_sharded(model)  # FSDP: the full file stays on the CPU, each rank takes its chunks from there
+    state = safe_load(path, map_location="cpu" if sharded else learn.device)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{str(path)!r} is not a looplab checkpoint: expected a dict with a 'model' entry")
-    model, with_opt = unwrap_model(learn.model), with_opt and "opt" in state
+    with_opt = with_opt and "opt" in state
     check_model_state(model, state["model"], path)
     if with_opt:
         check_optimizer_state(learn.opt, state["opt"], state.get("opt_class"), path)
-    if is_sharded(model):  # FSDP: each rank takes its chunks of the full tensors
+    if sharded:
         load_full_state(model, state["model"], learn.opt if with_opt else None, state.get("opt"))
         return
     model.load_state_dict(state["model"])

@@ -89,8 +89,9 @@ def _shard_like(full: torch.Tensor, param) -> torch.Tensor:
     local = param.to_local()
     chunk = distribute_tensor(full.to(local.device), param.device_mesh, param.placements, src_data_rank=None)
     # a storage of its own: a view would keep the full tensor alive
-    return DTensor.from_local(chunk.to_local().clone(), param.device_mesh, param.placements, shape=param.shape,
-                              stride=param.stride())
+    # (on the shard's own device: distribute_tensor moves it to the mesh's, e.g. cuda, also for CPU-offloaded shards)
+    return DTensor.from_local(chunk.to_local().to(local.device, copy=True), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride())
 
 
 def shard_optimizer_state(saved: dict, opt: torch.optim.Optimizer) -> dict:
@@ -158,7 +159,8 @@ def write_sharded(state: dict, path: str | os.PathLike) -> Path:
         dist.barrier()  # every rank's chunks are complete
         if rank0:
             if path.exists():  # a rewrite of the same position: the new one replaces it
-                old = path.with_name(f"{names[0]}.old")
+                # moved aside under a temporary's name: if a crash leaves it there, a later writer removes it
+                old = path.with_name(f"{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmpdir")
                 os.replace(path, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, path)

@@ -121,6 +121,15 @@ def main(mode: str, out: Path) -> None:
         learn.fit(2)
         torch.save({"weights": learn.model.state_dict(), "valid": learn.recorder.last_validation},
                    out / f"dict_rank{rank}.pt")
+        torch.manual_seed(100 + rank)  # schedules: the fit's length is counted in global batches
+        learn = Learner(make_model(), make_data(32), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1,
+                        progress=False)
+        learn.fit_one_cycle(2, 0.2)
+        lengths = [(learn.n_epochs, learn.n_steps)]
+        learn.fit_one_cycle(lr_max=0.2, steps=7)  # 3 batches an epoch: epochs 3, the last one cut after 1
+        lengths.append((learn.n_epochs, learn.n_steps))
+        torch.save({"weights": learn.model.state_dict(), "lrs": learn.recorder.lrs, "lengths": lengths},
+                   out / f"sched_rank{rank}.pt")
     elif mode == "elastic":
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         learn, resumed_from = checkpointed_run(out, rank, [_Die(KILL_STEP)] if attempt == 0 and rank == 1 else [])

@@ -172,6 +172,21 @@ def main(mode: str, out: Path) -> None:
                     "weights": plain(learn.model), "valid": learn.recorder.last_validation},
                    out / f"fsdp_bf16_rank{rank}.pt")
 
+        # a schedule: the fit's length is counted in global batches
+        torch.manual_seed(100)
+        learn = Learner(make_model(), make_data(32), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2,
+                        progress=False, cbs=[FSDP(modules=nn.Linear)])
+        learn.fit_one_cycle(2, 1e-2)
+        torch.save({"weights": plain(learn.model), "lrs": learn.recorder.lrs}, out / f"fsdp_sched_rank{rank}.pt")
+
+        # BatchNorm statistics: rank 0's on every rank (as DDP's broadcast_buffers), so one copy holds them all
+        torch.manual_seed(100 + rank)
+        bn = nn.Sequential(nn.Linear(N_IN, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, N_OUT))
+        learn = Learner(bn, make_data(32), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2, progress=False,
+                        cbs=[FSDP(modules=nn.Linear)])
+        learn.fit(2)
+        torch.save({"weights": plain(learn.model)}, out / f"fsdp_bn_rank{rank}.pt")
+
         learn, _ = checkpointed_run(out, rank)
         torch.save({"weights": plain(learn.model)}, out / f"ckpt_run_rank{rank}.pt")
     elif mode == "elastic":

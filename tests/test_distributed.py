@@ -81,6 +81,24 @@ def test_dict_batches_are_shared_out_like_pairs(trained):
         assert result["valid"]["valid_loss"] == pytest.approx(ref.recorder.last_validation["valid_loss"], abs=1e-5)
 
 
+def test_schedules_run_over_the_global_batches(trained):
+    """fit_one_cycle by epochs and by steps under DDP = one process x bs 64: the fit's length (n_steps, n_epochs)
+    is counted in global batches, so every step gets the one-process lr."""
+    torch.manual_seed(100)
+    ref = Learner(make_model(), make_data(64), F.cross_entropy, opt_func=torch.optim.SGD, lr=0.1, progress=False)
+    ref.fit_one_cycle(2, 0.2)
+    lengths = [(ref.n_epochs, ref.n_steps)]
+    ref.fit_one_cycle(lr_max=0.2, steps=7)
+    lengths.append((ref.n_epochs, ref.n_steps))
+    assert lengths == [(2, 6), (3, 7)]
+    for rank in (0, 1):
+        result = load(trained / f"sched_rank{rank}.pt")
+        assert result["lengths"] == lengths
+        assert result["lrs"] == pytest.approx(ref.recorder.lrs, rel=1e-12)
+        for name, w in ref.model.state_dict().items():
+            torch.testing.assert_close(result["weights"][name], w, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
+
+
 def test_every_rank_sees_the_same_training_loss_so_lr_find_stops_together(trained):
     losses = [load(trained / f"equiv_rank{rank}.pt")["lr_find_losses"] for rank in (0, 1)]
     assert len(losses[0]) > 3 and losses[0] == pytest.approx(losses[1], abs=1e-6)

@@ -74,6 +74,23 @@ def test_fsdp_two_processes_give_the_weights_and_valid_loss_of_one_process_with_
         assert result["n_sharded"] == 4  # three nn.Linear units, then the root
 
 
+def test_a_schedule_under_fsdp_runs_over_the_global_batches(main_run):
+    torch.manual_seed(100)
+    ref = Learner(make_model(), make_data(64), F.cross_entropy, opt_func=torch.optim.AdamW, lr=1e-2, progress=False)
+    ref.fit_one_cycle(2, 1e-2)
+    for rank in (0, 1):
+        result = load(main_run / f"fsdp_sched_rank{rank}.pt")
+        assert result["lrs"] == pytest.approx(ref.recorder.lrs, rel=1e-12)
+        assert_weights(result["weights"], ref.model.state_dict(), f"rank {rank}")
+
+
+def test_batchnorm_statistics_are_the_same_on_every_rank(main_run):
+    ranks = [load(main_run / f"fsdp_bn_rank{rank}.pt")["weights"] for rank in (0, 1)]
+    assert "1.running_mean" in ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
 def test_fsdp_each_rank_holds_its_share_of_the_parameters_after_every_epoch(main_run):
     shares = [load(main_run / f"fsdp_rank{rank}.pt")["shares"] for rank in (0, 1)]
     for rank_shares in shares:

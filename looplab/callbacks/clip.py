@@ -65,13 +65,15 @@ def _sharded_norm(local_total: torch.Tensor, norm_type: float, group) -> torch.T
     """The total norm over every rank's shards, from this rank's: the max for the inf-norm, else the p-th root of
     the sum of the p-th powers (a collective on the shards' process group)."""
     import torch.distributed as dist
+    # nccl reduces accelerator tensors only: CPU-offloaded shards' norm goes through this process's GPU
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
     if math.isinf(norm_type):
-        total = local_total.clone()
+        total = local_total.to(comm, copy=True) if comm is not None else local_total.clone()
         dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
-        return total
-    total = local_total.float() ** norm_type
+        return total.to(local_total.device)
+    total = local_total.float().to(comm) ** norm_type if comm is not None else local_total.float() ** norm_type
     dist.all_reduce(total, group=group)
-    return (total ** (1.0 / norm_type)).to(local_total.dtype)
+    return (total ** (1.0 / norm_type)).to(local_total.device, local_total.dtype)
 
 
 class GradientClip(Callback):

@@ -123,6 +123,11 @@ class DistributedDataParallel(Callback):
         learn.dls.train.set_distributed(rank, world_size, even=True)
         if learn.dls.valid is not None:
             learn.dls.valid.set_distributed(rank, world_size, even=False)
+        n_batches = len(learn.dls.train)  # global batches now: the fit's length follows (schedules read it)
+        if learn.steps is None:
+            learn.n_steps = learn.n_epochs * n_batches
+        else:
+            learn.n_epochs = -(-learn.steps // n_batches) if n_batches else None
         self._plan_tail(learn.dls.train, rank, world_size)
         learn.recorder.reduce_valid_sums = self._reduce_valid_sums
         device = None

@@ -34,7 +34,10 @@ class FSDP(DistributedDataParallel):
       parameters and the optimizer stay float32). `cpu_offload=True`: shards, gradients and the optimizer step
       live on the CPU (`CPUOffloadPolicy`).
     - Given in `cbs`, it replaces the DistributedDataParallel callback the Learner adds under torchrun (which then
-      stays idle). Rank 0's initial weights are broadcast first, as DDP does.
+      stays idle). Rank 0's initial weights are broadcast first, as DDP does, and its buffers (BatchNorm's running
+      statistics) after every training batch, so they are the same on every rank, as under DDP.
+    - The model's output must be something torch's pytree can walk (a tensor, tuple, list, dict, dataclass, a
+      transformers `ModelOutput`): FSDP2 hooks into the tensors inside it.
     - The fit trains a sharded twin of the model: a copy of its structure that takes over the parameters' storage
       and shards it; the user's module keeps its parameter objects, emptied for the fit. `learn.opt` is rebuilt by
       the Learner's `opt_func` over the sharded parameters, with the same groups, hyper-parameters and state.
@@ -74,6 +77,7 @@ class FSDP(DistributedDataParallel):
         self.n_sharded = 0  # fully_shard units of the last fit, the root included
         self._twin = self._users_opt = None
         self._shapes: list = []  # the user's parameters and their shapes, emptied for the fit
+        self._buffers: list = []  # the sharded model's buffers (BatchNorm statistics): rank 0's after each batch
 
     def claim(self) -> int:
         return 2  # over any DistributedDataParallel callback
@@ -138,7 +142,17 @@ class FSDP(DistributedDataParallel):
         for p in model.parameters():
             p.data, p.grad = torch.empty(0, dtype=p.dtype, device=p.device), None
         self._twin, self._users_opt = twin, users_opt
+        self._buffers = list(twin.buffers())
         learn.model, learn.opt = twin, opt
+
+    @torch.no_grad()
+    def after_batch(self):
+        # as DDP (broadcast_buffers), every rank's buffers are rank 0's at each training forward: made so after each
+        # batch, so running statistics never drift apart between ranks, and a checkpoint (one copy) or the gathered
+        # model holds every rank's
+        if self._buffers and self.learn.training:
+            for b in self._buffers:
+                dist.broadcast(b, src=0)
 
     def unwrap(self, failed: bool) -> None:
         learn, model, twin = self.learn, self.users_model, self._twin
@@ -148,6 +162,7 @@ class FSDP(DistributedDataParallel):
             sharded_opt = learn.opt
             learn.model, learn.opt = model, self._users_opt
             self._twin = self._users_opt = None
+            self._buffers = []
             if not failed:  # every rank gathers the full weights and optimizer state (collectives)
                 full = gather_model_state(twin, to_cpu=self.cpu_offload)
                 opt_state = gather_optimizer_state(sharded_opt, to_cpu=self.cpu_offload)
