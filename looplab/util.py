@@ -12,9 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["unwrap_model", "run_teardown", "tree_map", "to_device", "batch_on", "output_loss", "cat_batches", "detached",
-           "first_tensor", "rebuilt", "is_main_process",
-           "CopySafeHook"]
+__all__ = ["unwrap_model", "run_teardown", "module_selector", "tree_map", "to_device", "batch_on", "output_loss",
+           "cat_batches", "detached", "first_tensor", "rebuilt", "is_main_process", "CopySafeHook"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -146,6 +145,22 @@ def first_tensor(obj) -> torch.Tensor | None:
 def detached(obj):
     """`obj` with every tensor in it detached."""
     return obj.detach() if isinstance(obj, torch.Tensor) else tree_map(torch.Tensor.detach, obj)
+
+
+def module_selector(modules) -> Callable[[str, nn.Module], bool]:
+    """`(qualified name, module) -> bool` from module classes (a class, or a tuple / list of them) or such a
+    predicate; anything else is a TypeError (what ActivationCheckpointing and FSDP take as `modules`)."""
+    if isinstance(modules, type):
+        modules = (modules,)
+    if isinstance(modules, (tuple, list)):
+        if not modules or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in modules):
+            raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
+                            f"got {modules!r}")
+        types = tuple(modules)
+        return lambda name, module: isinstance(module, types)
+    if callable(modules):
+        return modules
+    raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, got {modules!r}")
 
 
 def run_teardown(handlers, exception: BaseException | None) -> None:

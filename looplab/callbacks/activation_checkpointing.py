@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..callback import Callback
-from ..util import unwrap_model
+from ..util import module_selector, unwrap_model
 from .order import Order
 
 __all__ = ["ActivationCheckpointing"]
@@ -73,20 +73,8 @@ class ActivationCheckpointing(Callback):
     order = Order.ACTIVATION_CKPT
 
     def __init__(self, modules: type | tuple[type, ...] | Callable[[str, nn.Module], bool]):
-        if isinstance(modules, type):
-            modules = (modules,)
-        if isinstance(modules, (tuple, list)):
-            if not modules or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in modules):
-                raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
-                                f"got {modules!r}")
-            types = tuple(modules)
-            self._select = lambda name, module: isinstance(module, types)
-        elif callable(modules):
-            self._select = modules
-        else:
-            raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
-                            f"got {modules!r}")
-        self.modules = modules
+        self._select = module_selector(modules)
+        self.modules = (modules,) if isinstance(modules, type) else modules
         self.n_wrapped = 0
         self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own instance `forward` or None)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..sharded import gather_model_state, gather_optimizer_state, is_sharded, shard_optimizer_state
+from ..util import module_selector
 from .distributed import DistributedDataParallel
 
 __all__ = ["FSDP"]
@@ -56,16 +57,9 @@ class FSDP(DistributedDataParallel):
                  reshard_after_forward: bool = True, mixed_precision: torch.dtype | None = None,
                  cpu_offload: bool = False):
         super().__init__()
-        if isinstance(modules, type):
-            modules = (modules,)
-        if isinstance(modules, (tuple, list)):
-            if not modules or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in modules):
-                raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
-                                f"got {modules!r}")
-            modules = tuple(modules)
-        elif modules is not None and not callable(modules):
-            raise TypeError(f"modules must be nn.Module classes or a predicate (name, module) -> bool, "
-                            f"got {modules!r}")
+        self._select = None if modules is None else module_selector(modules)
+        if isinstance(modules, (type, list)):
+            modules = (modules,) if isinstance(modules, type) else tuple(modules)
         if mixed_precision is not None and not (isinstance(mixed_precision, torch.dtype)
                                                 and mixed_precision.is_floating_point):
             raise TypeError(f"mixed_precision must be a floating-point torch.dtype (torch.bfloat16) or None, "
@@ -92,11 +86,9 @@ class FSDP(DistributedDataParallel):
 
     def _chosen(self, model: nn.Module) -> list[nn.Module]:
         """The submodules that become their own units, in `named_modules` order (parents before children)."""
-        if self.modules is None:
+        if self._select is None:
             return []
-        classes = self.modules
-        pick = (lambda name, m: isinstance(m, classes)) if isinstance(classes, tuple) else classes
-        chosen = [m for name, m in model.named_modules() if name and pick(name, m)
+        chosen = [m for name, m in model.named_modules() if name and self._select(name, m)
                   and any(True for _ in m.parameters())]
         if not chosen:
             raise ValueError(f"FSDP: modules={self.modules!r} chose no submodule with parameters of "
