@@ -20,11 +20,11 @@ N_TRAIN, N_VALID, N_IN, N_OUT = 161, 75, 8, 3  # 161 = 64 + 64 + 33: an uneven l
 KILL_STEP = 5
 
 
-def make_data(bs: int) -> DataLoaders:
+def make_data(bs: int, n_train: int = N_TRAIN, n_valid: int = N_VALID) -> DataLoaders:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N_TRAIN + N_VALID, N_IN, generator=g)
+    x = torch.randn(n_train + n_valid, N_IN, generator=g)
     y = (x[:, :N_OUT] + 0.5 * torch.randn(len(x), N_OUT, generator=g)).argmax(1)
-    return DataLoaders.from_tensors(x[:N_TRAIN], y[:N_TRAIN], valid=(x[N_TRAIN:], y[N_TRAIN:]), bs=bs, seed=0)
+    return DataLoaders.from_tensors(x[:n_train], y[:n_train], valid=(x[n_train:], y[n_train:]), bs=bs, seed=0)
 
 
 def make_model(p_drop: float = 0.0) -> nn.Module:

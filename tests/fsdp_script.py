@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ddp_script  # (next to this file: on sys.path when run as a script, and in the tests)
 from looplab import (FSDP, ActivationCheckpointing, Callback, Checkpoint, DataLoaders, GradientAccumulation,
                      GradientClip, Learner)
 
@@ -23,10 +24,7 @@ KILL_STEP = 5
 
 
 def make_data(bs: int) -> DataLoaders:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N_TRAIN + N_VALID, N_IN, generator=g)
-    y = (x[:, :N_OUT] + 0.5 * torch.randn(len(x), N_OUT, generator=g)).argmax(1)
-    return DataLoaders.from_tensors(x[:N_TRAIN], y[:N_TRAIN], valid=(x[N_TRAIN:], y[N_TRAIN:]), bs=bs, seed=0)
+    return ddp_script.make_data(bs, N_TRAIN, N_VALID)  # the same data, 256 samples: even batches on 2 ranks
 
 
 def make_model(p_drop: float = 0.0) -> nn.Module:
